@@ -1,0 +1,36 @@
+# lageo: `make demo` runs the whole pipeline on the embedded demo; `make test` runs lint and tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint demo lab bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/lageo run --profile demo
+
+lab: setup
+	$(BIN)/python -m pip install --quiet -e '.[test,lab]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name lageo --display-name "lageo (.venv)"
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+bench: setup
+	$(BIN)/lageo bench embed --model ViT-B-32 --pretrained none --images 256
+	$(BIN)/lageo bench train --model ViT-B-32 --strategy linear_probe --images 64
+
+clean-venv:
+	rm -rf $(VENV)

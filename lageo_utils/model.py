@@ -1,0 +1,137 @@
+"""Loading CLIP through open_clip: tags, local checkpoints, devices and the tiny test model.
+
+``load_clip`` never falls back to random weights: random initialisation happens only when
+the caller asks for ``pretrained=None`` (``--pretrained none`` on the command line), which
+the tests and the offline demo do with the shipped ``lageo-tiny`` config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL = "lageo-tiny"
+WEIGHTS_ENV = "LAGEO_CLIP_WEIGHTS"
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+open_clip.add_model_config(_CONFIG_DIR)  # registers lageo-tiny beside open_clip's own configs
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be loaded; the message says what was tried and how to fix it."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def normalize_pretrained(pretrained: str | os.PathLike | None) -> str | None:
+    """Map the command-line spellings ``none``/``random``/empty to ``None``."""
+    if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
+        return None
+    return str(pretrained)
+
+
+def load_clip(
+    model_name: str = "ViT-B-32",
+    pretrained: str | os.PathLike | None = "openai",
+    device: str | torch.device = "auto",
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Create an open_clip model with its eval preprocessing and tokenizer.
+
+    ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...), a path to a local
+    checkpoint, or ``None`` for random weights. If ``LAGEO_CLIP_WEIGHTS`` names a file it is used
+    instead of a tag. OpenAI weights (the ``openai`` tag or a local file) use QuickGELU, as they
+    were trained. Returns ``(model, preprocess, tokenizer)`` with the model in eval mode on
+    ``resolve_device(device)``.
+    """
+    pretrained = normalize_pretrained(pretrained)
+    target = resolve_device(device)
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown model {model_name!r}; open_clip knows e.g. ViT-B-32, ViT-L-14, {TINY_MODEL}")
+    source = _resolve_weights(model_name, pretrained)
+    quick_gelu = source is not None and (source == "openai" or Path(source).is_file())
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=source, device=target, force_quick_gelu=quick_gelu, cache_dir=cache_dir
+        )
+    except RuntimeError as exc:
+        if source is None or "Failed to download" not in str(exc):
+            raise
+        raise WeightsUnavailableError(_weights_help(model_name, source, f"download failed: {exc}")) from exc
+    except (OSError, KeyError, ValueError) as exc:
+        if source is None:
+            raise
+        raise WeightsUnavailableError(_weights_help(model_name, source, f"could not be read: {exc}")) from exc
+    model.eval()
+    log.info("loaded %s (weights: %s) on %s", model_name, source or "random init", target)
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def weights_identity(model: torch.nn.Module, module: str = "visual") -> str:
+    """A content hash of a sub-module's weights: the cache key part that names the weights.
+
+    Hashing the tensors (not the tag) makes fine-tuned and randomly initialised models
+    distinct and identical weights equal, wherever they came from.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in getattr(model, module).state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _resolve_weights(model_name: str, pretrained: str | None) -> str | None:
+    if pretrained is None:
+        return None
+    env_path = os.environ.get(WEIGHTS_ENV)
+    if env_path and not Path(pretrained).suffix:
+        if not Path(env_path).is_file():
+            raise WeightsUnavailableError(_weights_help(model_name, env_path, f"{WEIGHTS_ENV} names a missing file"))
+        return env_path
+    if Path(pretrained).suffix or os.sep in pretrained:
+        if not Path(pretrained).is_file():
+            raise WeightsUnavailableError(_weights_help(model_name, pretrained, "the checkpoint file does not exist"))
+        return pretrained
+    if not open_clip.get_pretrained_cfg(model_name, pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise WeightsUnavailableError(
+            _weights_help(model_name, pretrained, f"unknown tag for this model (known tags: {tags or 'none'})")
+        )
+    return pretrained
+
+
+def _weights_help(model_name: str, tried: str, problem: str) -> str:
+    return (
+        f"CLIP weights for {model_name!r} are unavailable: tried {tried!r}, {problem}.\n"
+        "Fix it in one of two ways:\n"
+        "  1. run once with internet access so open_clip downloads and caches the weights "
+        "(Hugging Face cache, ~/.cache/huggingface), then work offline;\n"
+        f"  2. pass a local checkpoint file (--pretrained /path/to/ViT-B-32.pt) or set {WEIGHTS_ENV}=/path/to/file.\n"
+        "For a pipeline test without weights use --model lageo-tiny --pretrained none (random weights, "
+        "no geolocation skill)."
+    )
