@@ -35,7 +35,7 @@ def test_authors_split_reproduced_with_outside_rows_reported(authors_all, region
 def test_outside_policy_drop_and_fail(authors_all, regions):
     dropped, _ = prepare_manifest(from_authors_metadata(authors_all), regions, outside="drop")
     assert len(dropped) == 9085 - 17
-    with pytest.raises(ManifestError, match=r"17 labelled rows lie outside.*pas_0594_h180.*13\.28"):
+    with pytest.raises(ManifestError, match=r"17 labelled rows lie outside.*pas_0594_h180.*13\.277 km"):
         prepare_manifest(from_authors_metadata(authors_all), regions, outside="fail")
 
 
