@@ -1,0 +1,42 @@
+"""``lageo bench embed|train``: throughput benchmarks that print JSON figures."""
+
+from __future__ import annotations
+
+from lageo_utils.cli import print_json
+
+
+def register(subparsers) -> None:
+    group = subparsers.add_parser("bench", help="throughput benchmarks").add_subparsers(dest="action", required=True)
+    embed = group.add_parser("embed", help="image embedding: raw model vs. pipeline vs. cache")
+    embed.add_argument("--model", default="ViT-B-32")
+    embed.add_argument("--pretrained", default="none", help="random weights are fine for timing")
+    embed.add_argument("--images", type=int, default=256)
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--num-workers", type=int, default=None)
+    embed.add_argument("--device", default="auto")
+    embed.set_defaults(func=_embed)
+
+    train = group.add_parser("train", help="training images/s and peak memory per strategy")
+    train.add_argument("--model", default="ViT-B-32")
+    train.add_argument("--pretrained", default="none")
+    train.add_argument("--strategy", default="partial")
+    train.add_argument("--images", type=int, default=64)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--device", default="auto")
+    train.set_defaults(func=_train)
+
+
+def _embed(args) -> int:
+    from lageo_utils.embed import benchmark_embed
+
+    print_json(benchmark_embed(model_name=args.model, pretrained=args.pretrained, images=args.images,
+                               batch_size=args.batch_size, num_workers=args.num_workers, device=args.device))
+    return 0
+
+
+def _train(args) -> int:
+    from lageo_utils.finetune import benchmark_train
+
+    print_json(benchmark_train(model_name=args.model, pretrained=args.pretrained, strategy=args.strategy,
+                               images=args.images, batch_size=args.batch_size, device=args.device))
+    return 0
