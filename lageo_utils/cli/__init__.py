@@ -1,6 +1,6 @@
-"""The ``lageo`` command line.
+"""lageo: sub-city image geolocation in Los Angeles County with CLIP.
 
-Each module in this package adds one command group through ``register(subparsers)``
+The command line: each module in this package adds one command group through ``register(subparsers)``
 and sets ``func`` on its parsers; heavy libraries (torch, open_clip) are imported inside
 the command functions so ``lageo --help`` stays fast.
 """
@@ -51,5 +51,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
