@@ -1,4 +1,4 @@
-"""``lageo data audit|split|sample``: leakage audit, splits and area-normalised sampling."""
+"""``lageo data audit|split|sample|import``: leakage audit, splits, area-normalised sampling, your own photos."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def register(subparsers) -> None:
     sample.add_argument("--seed", type=int, default=42)
     _add_manifest_options(sample)
     sample.set_defaults(func=_sample)
+
+    from lageo_utils.cli.collect import add_import_arguments
+
+    imp = group.add_parser("import", help="manifest from your own geotagged photos (EXIF GPS) or a CSV of paths")
+    add_import_arguments(imp)
+    imp.set_defaults(func=_import)
 
 
 def _add_manifest_options(parser) -> None:
@@ -97,3 +103,9 @@ def _sample(args) -> int:
     write_manifest(sample, args.out)
     print_json(sampling_summary(manifest, regions).reset_index().to_dict(orient="records"))
     return 0
+
+
+def _import(args) -> int:
+    from lageo_utils.cli.collect import run_import
+
+    return run_import(args)
