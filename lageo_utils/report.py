@@ -60,13 +60,26 @@ def comparison_table(metrics: dict) -> pd.DataFrame:
         ci = m.get("ci", {})
         row = {col: _with_ci(m[k], ci.get(k)) for k, col in COMPARISON_COLUMNS.items()}
         for t, v in m["acc_at_km"].items():
-            row[f"ACC@{t} km"] = _with_ci(v, ci.get(f"acc_at_{t}km"))
+            row[f"ACC@{t} km"] = _with_ci(v, ci.get("acc_at_km", {}).get(t))
         row["Median error (km)"] = _with_ci(m["median_error_km"], ci.get("median_error_km"), digits=2)
         row["Mean error (km)"] = _fmt(m["mean_error_km"], 2)
         row["ECE"] = _fmt(m["ece"])
         row["Images"] = m["n_images"]
         rows[label] = row
     return pd.DataFrame(rows).T
+
+
+def comparison_markdown(metrics: dict) -> str:
+    """The paired bootstrap of the accuracy gain, in one sentence."""
+    c = metrics.get("comparison")
+    if not c or c.get("difference") is None:
+        return ""
+    lo, hi = c["ci"]
+    return (
+        f"Fine-tuned minus zero-shot {c['metric']}: **{c['difference']:+.3f}** "
+        f"({c['ci_level']:.0%} CI [{lo:+.3f}, {hi:+.3f}], paired bootstrap over {c['resampled']} clusters, "
+        f"{c['n_boot']} resamples)."
+    )
 
 
 def classification_report(run: Path, model: str) -> str:
