@@ -71,17 +71,10 @@ def import_images(
         root = source.parent
     else:
         raise ManifestError(f"{source}: no such folder or CSV file")
-    keep = []
-    for rec in found:
-        problem = image_problem(rec["file"])
-        if problem:
-            skipped.append({"path": rec["name"], "reason": f"unreadable: {problem}"})
-            continue
-        keep.append(rec)
-    labels = assign_regions([r["latitude"] for r in keep], [r["longitude"] for r in keep], regions) if keep else []
+    labels = assign_regions([r["latitude"] for r in found], [r["longitude"] for r in found], regions) if found else []
     rows = []
     out.mkdir(parents=True, exist_ok=True)
-    for rec, region in zip(keep, labels, strict=True):
+    for rec, region in zip(found, labels, strict=True):
         if region is None:
             skipped.append({"path": rec["name"], "reason": "outside every region"})
             continue
@@ -113,10 +106,14 @@ def _from_folder(folder: Path, out: Path, recursive: bool) -> tuple[list[dict], 
     found, skipped = [], []
     for path in files:
         name = path.relative_to(folder).as_posix()
+        problem = image_problem(path)
+        if problem:
+            skipped.append({"path": name, "reason": f"unreadable: {problem}"})
+            continue
         try:
             gps = read_exif_gps(path)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-            skipped.append({"path": name, "reason": f"unreadable: {exc}"})
+            skipped.append({"path": name, "reason": f"unreadable EXIF: {exc}"})
             continue
         if gps is None:
             skipped.append({"path": name, "reason": "no GPS position in EXIF"})
@@ -143,10 +140,10 @@ def _from_csv(path: Path) -> tuple[list[dict], list[dict]]:
             skipped.append({"path": name or where, "reason": f"bad coordinates: {where} has latitude "
                             f"{row[lat_col]!r}, longitude {row[lon_col]!r}"})
             continue
-        file = Path(name)
-        file = file if file.is_absolute() else path.parent / file
-        if not name or not file.is_file():
-            skipped.append({"path": name or where, "reason": f"unreadable: file not found ({where})"})
+        file = Path(name) if Path(name).is_absolute() else path.parent / name
+        problem = image_problem(file) if name else "no path"
+        if problem:
+            skipped.append({"path": name or where, "reason": f"unreadable: {problem} ({where})"})
             continue
         heading = _number(row[heading_col]) if heading_col else None
         found.append({"file": file, "name": name, "latitude": lat, "longitude": lon, "heading": heading})
