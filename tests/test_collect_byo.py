@@ -128,3 +128,9 @@ def test_data_import_command(album, tmp_path, capsys):
     assert "no image could be imported" in capsys.readouterr().err
     assert main(["data", "import", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no such folder or CSV file" in capsys.readouterr().err
+    collected = tmp_path / "collected"  # a collector's folder: its manifest is never overwritten
+    collected.mkdir()
+    (collected / "manifest.csv").write_text("image_path,latitude,longitude\nimages/a.jpg,34.04,-118.25\n")
+    assert main(["data", "import", str(album), "--out", str(collected)]) == 2
+    assert "was not written by an import" in capsys.readouterr().err
+    assert (collected / "manifest.csv").read_text().startswith("image_path,latitude,longitude\nimages/a.jpg")

@@ -59,10 +59,13 @@ def import_images(
 
     ``image_path`` is relative to ``out_dir``; with ``copy`` the images are copied to
     ``out_dir/images/`` so the folder stands alone. Writes ``out_dir/import_report.json`` and
-    returns ``(manifest, report)``; the report lists every skipped file with its reason.
+    returns ``(manifest, report)``; the report lists every skipped file with its reason. A manifest
+    in ``out_dir`` is replaced only if an earlier import wrote it (a collector's is never overwritten).
     """
     source = Path(source)
     out = Path(out_dir)
+    if (out / MANIFEST_NAME).exists() and not (out / REPORT_NAME).exists():
+        raise ManifestError(f"{out / MANIFEST_NAME} exists and was not written by an import; choose another --out")
     if source.is_dir():
         found, skipped = _from_folder(source, out, recursive)
         root = source
