@@ -185,7 +185,8 @@ def capture_points(regions: gpd.GeoDataFrame, points_per_region: int, seed: int 
                    reference: pd.DataFrame | None = None) -> pd.DataFrame:
     """Capture points per region: real reference points where shipped, random points in the box otherwise.
 
-    A region with fewer shipped points than asked is topped up with random points in its box.
+    Shipped points outside the region's box (a custom region file) are not used; a region with
+    fewer shipped points than asked is topped up with random points in its box.
     """
     if points_per_region < 1:
         raise ValueError(f"points_per_region must be at least 1, not {points_per_region}")
@@ -193,10 +194,11 @@ def capture_points(regions: gpd.GeoDataFrame, points_per_region: int, seed: int 
     rows = []
     for index, region in enumerate(regions.itertuples()):
         rng = np.random.default_rng([seed, index])
-        real = reference[reference["region_id"] == region.id]
+        west, south, east, north = region.geometry.bounds
+        real = reference[(reference["region_id"] == region.id)
+                         & reference["latitude"].between(south, north) & reference["longitude"].between(west, east)]
         take = rng.choice(len(real), size=min(points_per_region, len(real)), replace=False)
         real = real.iloc[np.sort(take)]
-        west, south, east, north = region.geometry.bounds
         n_random = points_per_region - len(real)
         lat = np.round(rng.uniform(south, north, n_random), 6)
         lon = np.round(rng.uniform(west, east, n_random), 6)
@@ -226,6 +228,8 @@ def build_demo(
     Four headings per capture point; ``image_path`` is relative to ``out_dir``. The same
     arguments give byte-identical images and manifest.
     """
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16 pixels, not {image_size}")
     out = Path(out_dir)
     if (out / "manifest.csv").exists() and not overwrite:
         raise FileExistsError(f"{out / 'manifest.csv'} exists; choose another folder or overwrite it")
@@ -264,7 +268,7 @@ def draw_scene(region_id: str, heading: int, key: tuple[int, ...], size: int = 2
     mirrored = heading in (180, 270)
     horizon = style.horizon + {0: 0.0, 90: 0.05, 180: -0.07, 270: 0.03}[heading] + rng.uniform(-0.04, 0.04)
     vanish = {0: 0.5, 90: 0.5, 180: 0.5, 270: 0.28}[heading] + rng.uniform(-0.08, 0.08)
-    s = Scene(size, horizon, vanish, heading, rng)
+    s = Scene(size, horizon, vanish, rng)
 
     s.sky(style.sky)
     s.clouds(int(point_rng.integers(0, 4)))
@@ -307,11 +311,10 @@ def _sea_share(sea_heading: int | None, heading: int) -> float:
 class Scene:
     """A canvas with a horizon and a vanishing point; methods draw one layer each, back to front."""
 
-    def __init__(self, size: int, horizon: float, vanish: float, heading: int, rng: np.random.Generator):
+    def __init__(self, size: int, horizon: float, vanish: float, rng: np.random.Generator):
         self.size = size
         self.horizon_y = int(size * horizon)
         self.vanish_x = size * vanish
-        self.heading = heading
         self.rng = rng
         self.ridge: list[tuple[float, float]] = []  # the hill outline, once drawn
         self.image = Image.new("RGB", (size, size))

@@ -151,3 +151,5 @@ def test_cli_builds_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["demo", "build", "--out", str(out), "--points-per-region", "1"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["demo", "build", "--out", str(out), "--points-per-region", "1", "--size", "32", "--force"]) == 0
+    assert main(["demo", "build", "--out", str(tmp_path / "other"), "--points-per-region", "0"]) == 2
+    assert "points_per_region" in capsys.readouterr().err

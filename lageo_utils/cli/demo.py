@@ -21,16 +21,16 @@ def register(subparsers) -> None:
 
 def _build(args) -> int:
     from lageo_utils.demo import build_demo
-    from lageo_utils.regions import RegionsError, load_regions
+    from lageo_utils.regions import load_regions
 
-    if args.points_per_region < 1 or args.size < 16:
-        raise CommandError("--points-per-region must be at least 1 and --size at least 16")
     try:
         regions = load_regions(args.regions)
         manifest = build_demo(args.out, points_per_region=args.points_per_region, seed=args.seed,
                               image_size=args.size, regions=regions, overwrite=args.force)
-    except (RegionsError, FileExistsError) as exc:
-        raise CommandError(f"{exc}{' (use --force)' if isinstance(exc, FileExistsError) else ''}") from None
+    except FileExistsError as exc:
+        raise CommandError(f"{exc} (use --force)") from None
+    except ValueError as exc:  # RegionsError, bad sizes or counts, a manifest problem
+        raise CommandError(str(exc)) from None
     print_json({
         "out": args.out,
         "manifest": f"{args.out}/manifest.csv",
