@@ -253,6 +253,21 @@ def test_connection_errors_are_redacted(points, tmp_path):
     assert_secret_absent(secret, tmp_path, str(info.value), repr(info.value))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"size": "1024x640"}, r"size must be WIDTHxHEIGHT with sides 1\.\.640, not '1024x640'"),
+    ({"headings": (0.0, 400.0)}, r"headings must be degrees in \[0, 360\]"),
+    ({"fov": 150.0}, r"fov must be in \(0, 120\]"),
+])
+def test_bad_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        StreetViewOptions(**options)
+
+
+def test_points_without_coordinates_are_refused(points, tmp_path):
+    with pytest.raises(ValueError, match=r"points lack columns \['latitude'\]"):
+        collect_streetview(points.drop(columns="latitude"), tmp_path, "k", dry_run=True)
+
+
 def test_missing_key_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("GOOGLE_MAPS_API_KEY", raising=False)
     code = main(["collect", "streetview", "--region-ids", "downtown_la", "--out", str(tmp_path), "--points-per-region", "2"])

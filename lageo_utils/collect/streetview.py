@@ -29,6 +29,7 @@ from lageo_utils.collect.http import (
     Retryable,
     RetryPolicy,
 )
+from lageo_utils.collect.points import POINT_COLUMNS
 from lageo_utils.collect.store import CsvLog, ImageFolder, check_image, is_complete_image
 from lageo_utils.data import MANIFEST_COLUMNS
 
@@ -100,6 +101,9 @@ def collect_streetview(
     """
     if max_images is not None and max_images < 0:
         raise ValueError(f"max_images must be >= 0, not {max_images}")
+    missing = [c for c in POINT_COLUMNS if c not in points.columns]
+    if missing:
+        raise ValueError(f"points lack columns {missing} (has {list(points.columns)}); see sample_points")
     if dry_run:
         return _plan(points, Path(out_dir), key, options, rate, max_images, base_url, retry, sleep)
     if not key:
@@ -246,12 +250,14 @@ def fetch_metadata(client: ApiClient, point, options: StreetViewOptions) -> dict
 
 
 def metadata_row(point, doc: dict) -> dict:
+    """The ``points.csv`` row for a metadata answer (the snapped location, else the requested one)."""
     location = doc.get("location") or {}
     return {
         "point_key": point_key(point), "point_id": point.point_id, "region_id": point.region_id,
         "requested_lat": f"{point.latitude:.7f}", "requested_lon": f"{point.longitude:.7f}",
-        "status": doc["status"], "pano_id": doc.get("pano_id", ""), "latitude": location.get("lat", ""),
-        "longitude": location.get("lng", ""), "date": doc.get("date", ""),
+        "status": doc["status"], "pano_id": doc.get("pano_id", ""),
+        "latitude": location.get("lat", point.latitude), "longitude": location.get("lng", point.longitude),
+        "date": doc.get("date", ""),
     }
 
 
