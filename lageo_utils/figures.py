@@ -451,6 +451,8 @@ def split_counts_figure(manifest_with_split: pd.DataFrame, regions: pd.DataFrame
     missing = [c for c in ("region_id", "split") if c not in manifest_with_split.columns]
     if missing:
         raise ValueError(f"manifest is missing column(s) {missing}; it has {list(manifest_with_split.columns)}")
+    if manifest_with_split.empty:
+        raise ValueError("manifest has no images to count")
     names = region_names(regions)
     order = [names[r] for r in regions["id"]]
     order += sorted({names.get(r, r) for r in manifest_with_split["region_id"]} - set(order))

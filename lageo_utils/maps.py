@@ -153,6 +153,7 @@ def error_map(
             ax=ax,
             column="error_km",
             cmap="plasma",
+            vmin=0,  # colours mean the same distance on every map
             linewidth=0.9,
             alpha=0.8,
             zorder=3,
@@ -175,11 +176,15 @@ def error_map(
             loc="upper left",
             fontsize=9,
         )
-    shown = f"{len(lines):,} of {len(predictions):,}" if len(lines) < len(predictions) else f"all {len(lines):,}"
+    noun = "image" if len(predictions) == 1 else "images"
+    shown = (
+        f"{len(lines):,} of {len(predictions):,} {noun}" if len(lines) < len(predictions) else f"{len(lines):,} {noun}"
+    )
     sampled = f", sampled with seed {seed}" if len(predictions) > max_lines else ""
-    median = float(np.nanmedian(predictions["error_km"])) if len(predictions) else float("nan")
-    ax.set_title(f"Prediction errors ({shown} images{sampled}; median {median:.1f} km)", fontsize=13, pad=10)
+    median = f"; median {np.median(predictions['error_km']):.1f} km" if len(predictions) else ""
+    ax.set_title(f"Prediction errors ({shown}{sampled}{median})", fontsize=13, pad=10)
     _finish_map(ax, basemap)
+    _label_regions(ax, boxes, list(boxes["name"]), ["#9a9a9a"] * len(boxes), fontsize=7)
     return fig
 
 

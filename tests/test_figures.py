@@ -179,6 +179,9 @@ def test_error_map_skips_rows_without_coordinates_with_a_warning(regions, predic
     with pytest.warns(UserWarning, match="skipped 3 predictions"):
         lines = figures.error_lines(broken)
     assert len(lines) == len(predictions) - 3
+    empty = figures.error_map(predictions.iloc[:0], regions, basemap=None)  # nothing to draw is not an error
+    assert not [c for c in empty.axes[0].collections if c.get_gid() == maps.ERROR_LINES_GID]
+    assert "(0 images)" in empty.axes[0].get_title()
 
 
 def test_region_error_table_numbers(regions):
@@ -409,6 +412,8 @@ def test_split_counts_stack_every_region(regions, predictions, tmp_path):
     n_test = int((manifest["split"] == "test").sum())
     assert f"train {len(manifest) - n_test}, test {n_test}" in ax.get_title()
     assert_png(figures.save_figure(fig, tmp_path / "splits.png"))
+    with pytest.raises(ValueError, match="split"):
+        figures.split_counts_figure(manifest.drop(columns="split"), regions)
 
 
 def test_heading_figure_counts_sectors(tmp_path):
