@@ -1,0 +1,71 @@
+"""``lageo train``: fine-tune CLIP on DIR/train.csv, validate on DIR/val.csv, keep the best checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lageo_utils.cli import CommandError, print_json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune CLIP on a split directory (best.pt, last.pt, history.csv, train_summary.json)",
+        description="Train on SPLITS/train.csv, validate after every epoch on SPLITS/val.csv and write "
+        "best.pt, last.pt, history.csv and train_summary.json into --out.",
+    )
+    parser.add_argument("--splits", required=True, help="directory with train.csv and val.csv")
+    parser.add_argument("--image-root", required=True, help="directory the manifests' image_path values are under")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (lageo-tiny for tests)")
+    parser.add_argument("--pretrained", default="openai", help="open_clip tag, checkpoint PATH, or none")
+    parser.add_argument("--strategy", default="linear_probe",
+                        help="zeroshot | linear_probe | partial | full | contrastive (default: linear_probe)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the strategy's)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--unfreeze-blocks", type=int, default=2, help="partial: trained transformer blocks")
+    parser.add_argument("--augment", action="store_true", help="random resized crop and colour jitter")
+    parser.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without gain")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--regions", default=None, help="region file (default: the 15 LA County regions)")
+    parser.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/embedding_cache)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from lageo_utils.checkpoints import CheckpointError
+    from lageo_utils.data import ManifestError
+    from lageo_utils.finetune import TrainConfig, train
+    from lageo_utils.model import WeightsUnavailableError
+    from lageo_utils.regions import RegionsError, load_regions
+
+    splits = Path(args.splits)
+    manifests = {name: splits / f"{name}.csv" for name in ("train", "val")}
+    for name, path in manifests.items():
+        if not path.is_file():
+            raise CommandError(f"{path}: {name} split not found (expected train.csv and val.csv in --splits)")
+    if args.resume and not (Path(args.out) / "last.pt").is_file():
+        raise CommandError(f"--resume: {Path(args.out) / 'last.pt'} does not exist (nothing to resume)")
+    try:
+        config = TrainConfig(
+            strategy=args.strategy, model_name=args.model, pretrained=args.pretrained, epochs=args.epochs,
+            lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+            grad_accum_steps=args.grad_accum, unfreeze_blocks=args.unfreeze_blocks, augment=args.augment,
+            patience=args.patience, seed=args.seed, num_workers=args.num_workers,
+        )
+        result = train(
+            manifests["train"], manifests["val"], load_regions(args.regions), args.image_root, args.out, config,
+            device=args.device, cache_dir=args.cache_dir, resume=args.resume,
+        )
+    except (ValueError, ManifestError, RegionsError, CheckpointError, WeightsUnavailableError) as exc:
+        raise CommandError(str(exc)) from None
+    keys = ("strategy", "epochs_run", "best_epoch", "best_val_acc", "zeroshot_val_acc", "stopped_early")
+    print_json({**{k: result.summary[k] for k in keys}, "out": str(result.out_dir),
+                "skipped_images": len(result.summary["skipped_images"])})
+    return 0
