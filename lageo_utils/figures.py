@@ -46,6 +46,7 @@ __all__ = [
     "region_error_map",
     "region_error_table",
     "region_names",
+    "region_examples",
     "region_palette",
     "regions_map",
     "reliability_diagram",
@@ -284,21 +285,8 @@ def example_grid(
     Unreadable images are skipped with a warning naming the file; the next sampled row takes
     their place.
     """
-    from lageo_utils.images import ImageReadError, open_rgb  # imported here: it loads torch
-
     names = region_names(regions)
-    order = predictions.sample(frac=1.0, random_state=seed)
-    shown: list[tuple[pd.Series, object]] = []
-    for _, row in order.iterrows():
-        if len(shown) == n:
-            break
-        try:
-            image = open_rgb(Path(image_root) / row["image_path"])
-        except ImageReadError as exc:
-            warnings.warn(f"example grid: skipped {exc.path}: {exc.reason}", stacklevel=2)
-            continue
-        image.thumbnail((384, 384))
-        shown.append((row, image))
+    shown = _readable_images(predictions.sample(frac=1.0, random_state=seed), image_root, n)
     cols = max(1, min(4, len(shown)))
     rows = max(1, math.ceil(len(shown) / cols))
     fig = new_figure((3.3 * cols, 4.3 * rows))
@@ -331,6 +319,68 @@ def example_grid(
     fig.suptitle(f"Example test images with their top-{top_k} predictions (seed {seed})", fontsize=12)
     fig.tight_layout(h_pad=0.4)
     return fig
+
+
+@_themed("white")
+def region_examples(
+    manifest: pd.DataFrame,
+    image_root: str | os.PathLike,
+    regions: pd.DataFrame,
+    per_region: int = 1,
+    seed: int = 0,
+) -> Figure:
+    """``per_region`` seeded example images of every region, titled with its name in its colour.
+
+    Unreadable images are skipped with a warning and replaced by another of the region's;
+    a region without readable images gets an empty, labelled cell.
+    """
+    names, palette = region_names(regions), region_palette(regions)
+    shuffled = manifest.sample(frac=1.0, random_state=seed)
+    cells = []
+    for rid in regions["id"]:
+        found = _readable_images(shuffled[shuffled["region_id"] == rid], image_root, per_region)
+        cells += [(rid, row, image) for row, image in found] + [(rid, None, None)] * (per_region - len(found))
+    cols = 5 if per_region == 1 else per_region
+    rows = math.ceil(len(cells) / cols)
+    fig = new_figure((2.7 * cols, 2.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, (rid, row, image) in zip(axes, cells):
+        if image is None:
+            ax.text(0.5, 0.5, "no readable image", ha="center", va="center", fontsize=9, color="#777777")
+        else:
+            ax.imshow(image)
+        # A frame in the region's colour (light tab20 shades are unreadable as text colours).
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set(edgecolor=palette[rid], linewidth=4)
+        heading = row.get("heading") if row is not None else None
+        suffix = f" · {heading:.0f}°" if heading is not None and pd.notna(heading) else ""
+        ax.set_title(f"{names[rid]}{suffix}", fontsize=9, color="#222222")
+    fig.suptitle(f"Example images per region (seed {seed})", fontsize=12)
+    fig.tight_layout(h_pad=1.5)
+    return fig
+
+
+def _readable_images(rows: pd.DataFrame, image_root: str | os.PathLike, limit: int) -> list[tuple[pd.Series, object]]:
+    """The first ``limit`` rows whose image opens, as (row, thumbnail); failures warn with the file and reason."""
+    from lageo_utils.images import ImageReadError, open_rgb  # imported here: it loads torch
+
+    found = []
+    for _, row in rows.iterrows():
+        if len(found) == limit:
+            break
+        try:
+            image = open_rgb(Path(image_root) / row["image_path"])
+        except ImageReadError as exc:
+            warnings.warn(f"skipped unreadable image {exc.path}: {exc.reason}", stacklevel=3)
+            continue
+        image.thumbnail((384, 384))
+        found.append((row, image))
+    return found
 
 
 def comparison_table(metrics: Mapping[str, Mapping]) -> pd.DataFrame:

@@ -103,12 +103,13 @@ def regions_map(regions: gpd.GeoDataFrame, points: pd.DataFrame | None = None, b
             ax.legend(handles=handles, title="Split (images)", loc="upper left", frameon=True, fontsize=9)
         else:
             colors = pts["region_id"].map(lambda r: palette.get(r, UNKNOWN_COLOR))
-        pts.plot(ax=ax, color=list(colors), markersize=5, edgecolor="white", linewidth=0.2, zorder=4)
+        size = float(np.clip(20_000 / len(pts), 3, 14))  # bigger dots when there are few
+        pts.plot(ax=ax, color=list(colors), markersize=size, edgecolor="white", linewidth=0.2, zorder=4)
         n_locations = len(pts[["latitude", "longitude"]].drop_duplicates())
         title += f" and capture points ({len(pts):,} images at {n_locations:,} locations)"
     ax.set_title(title, fontsize=13, pad=10)
     _finish_map(ax, basemap)
-    _label_regions(ax, boxes, list(boxes["name"]), [palette[r] for r in boxes["id"]])
+    _label_regions(ax, boxes, list(boxes["name"]), [palette[r] for r in boxes["id"]], inside_ok=pts is None)
     return fig
 
 
@@ -184,7 +185,7 @@ def error_map(
     median = f"; median {np.median(predictions['error_km']):.1f} km" if len(predictions) else ""
     ax.set_title(f"Prediction errors ({shown}{sampled}{median})", fontsize=13, pad=10)
     _finish_map(ax, basemap)
-    _label_regions(ax, boxes, list(boxes["name"]), ["#9a9a9a"] * len(boxes), fontsize=7)
+    _label_regions(ax, boxes, list(boxes["name"]), ["#9a9a9a"] * len(boxes), fontsize=7, inside_ok=False)
     return fig
 
 
@@ -392,8 +393,10 @@ def _require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> 
         raise ValueError(f"{what} is missing column(s) {missing}; it has {list(frame.columns)}")
 
 
-def _label_regions(ax, boxes: gpd.GeoDataFrame, labels: list[str], colors: list[str], fontsize: float = 8) -> None:
-    """Name each box: inside it when the label fits, else at the nearest free spot with a leader line.
+def _label_regions(
+    ax, boxes: gpd.GeoDataFrame, labels: list[str], colors: list[str], fontsize: float = 8, inside_ok: bool = True
+) -> None:
+    """Name each box inside it when the label fits and ``inside_ok``, else nearby with a leader line.
 
     Hand-written greedy placement, since adjustText is not a dependency and a few dozen labels
     need nothing more: candidates on growing rings around the box are scored (overlaps with
@@ -435,7 +438,7 @@ def _label_regions(ax, boxes: gpd.GeoDataFrame, labels: list[str], colors: list[
             if best[0] <= RING_COST * ring:
                 break  # no farther ring can beat the best position found
             rect = shapely.box(x - w / 2, y - h / 2, x + w / 2, y + h / 2)
-            leader = None if regions[i].contains(rect) else LineString([(cx, cy), (x, y)])
+            leader = None if inside_ok and regions[i].contains(rect) else LineString([(cx, cy), (x, y)])
             obstacles = others if leader is None else regions
             cost = RING_COST * ring + _label_cost(rect, leader, frame, obstacles, taken, leaders)
             if cost < best[0]:
