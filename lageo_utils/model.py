@@ -79,14 +79,16 @@ def load_clip(
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=source, device=target, force_quick_gelu=quick_gelu, cache_dir=cache_dir
         )
-    except RuntimeError as exc:
-        if source is None or "Failed to download" not in str(exc):
-            raise
-        raise WeightsUnavailableError(_weights_help(model_name, source, f"download failed: {exc}")) from exc
-    except (OSError, KeyError, ValueError) as exc:
+    except Exception as exc:
         if source is None:
             raise
-        raise WeightsUnavailableError(_weights_help(model_name, source, f"could not be read: {exc}")) from exc
+        if Path(source).is_file():
+            problem = f"the file could not be loaded as {model_name} weights ({type(exc).__name__}: {exc})"
+        elif "Failed to download" in str(exc):
+            problem = f"download failed and no cached copy exists: {exc}"
+        else:
+            problem = f"loading failed ({type(exc).__name__}: {exc})"
+        raise WeightsUnavailableError(_weights_help(model_name, source, problem)) from exc
     model.eval()
     log.info("loaded %s (weights: %s) on %s", model_name, source or "random init", target)
     return model, preprocess, open_clip.get_tokenizer(model_name)
@@ -101,7 +103,7 @@ def weights_identity(model: torch.nn.Module, module: str = "visual") -> str:
     digest = hashlib.sha256()
     for name, tensor in getattr(model, module).state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())  # hashed in place, no copy
     return digest.hexdigest()[:16]
 
 
