@@ -1,0 +1,353 @@
+"""Image embeddings at speed: a DataLoader pipeline and an on-disk cache keyed by content.
+
+Worker processes decode and preprocess images while the main process runs the model; each
+image's embedding is stored under the hash of its bytes, in a cache directory per model
+(name, weights, preprocessing, decoder, precision), so a re-run computes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, open_rgb
+from lageo_utils.model import autocast, load_clip, resolve_device, weights_identity
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the cache layout or key changes
+INDEX_FILE = "index.parquet"
+META_FILE = "meta.json"
+
+
+@dataclass
+class EmbeddingResult:
+    """Embeddings of the images that could be read, and a report of those that could not."""
+
+    embeddings: np.ndarray  # (n_ok, dim) float32, L2-normalised, in input order
+    image_paths: list[str]  # the input paths of those rows
+    rows: np.ndarray  # their positions in the input (manifest row positions)
+    failures: pd.DataFrame  # image_path, reason
+
+
+def default_num_workers() -> int:
+    """Loader worker processes when none are asked for: one per core, at most 4."""
+    return min(4, os.cpu_count() or 1)
+
+
+def embed_manifest(
+    model,
+    preprocess,
+    manifest: pd.DataFrame,
+    image_root: str | os.PathLike | None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    model_name: str | None = None,
+) -> EmbeddingResult:
+    """Embed every ``manifest.image_path`` (relative to ``image_root``); ``rows`` are manifest positions."""
+    if "image_path" not in manifest.columns:
+        raise ValueError(f"manifest has no 'image_path' column (columns: {list(manifest.columns)})")
+    return embed_paths(
+        model, preprocess, manifest["image_path"].astype(str).tolist(), root=image_root, cache_dir=cache_dir,
+        batch_size=batch_size, num_workers=num_workers, device=device, model_name=model_name,
+    )
+
+
+def embed_paths(
+    model,
+    preprocess,
+    paths: list[str],
+    *,
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    model_name: str | None = None,
+) -> EmbeddingResult:
+    """Embed image files, reusing and filling the cache in ``cache_dir`` when given.
+
+    ``device`` defaults to the model's device (the model is moved if another is given).
+    Unreadable files are skipped and listed in ``failures``; duplicates by content are embedded once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    files = [Path(root) / p if root is not None else Path(p) for p in paths]
+    digests, failures = _hash_files(files)
+    cache = EmbeddingCache.for_model(cache_dir, model, preprocess, device, model_name) if cache_dir else None
+    known = cache.lookup(set(digests.values())) if cache else {}
+
+    todo = {}  # digest -> first position with that content
+    for pos, digest in digests.items():
+        if digest not in known:
+            todo.setdefault(digest, pos)
+    if todo:
+        new, bad = _compute(model, preprocess, [files[p] for p in todo.values()], batch_size, num_workers, device)
+        todo_digests = list(todo)
+        computed = {todo_digests[i]: vec for i, vec in zip(new[0], new[1])}
+        bad_by_digest = {todo_digests[i]: reason for i, reason in bad.items()}
+        if cache and computed:
+            cache.add(list(computed), np.stack(list(computed.values())))
+        known = {**known, **computed}
+    else:
+        bad_by_digest = {}
+        log.info("all %d images found in the embedding cache", len(digests))
+
+    ok_rows, vectors = [], []
+    for pos in range(len(files)):
+        digest = digests.get(pos)
+        if digest in known:
+            ok_rows.append(pos)
+            vectors.append(known[digest])
+        elif pos not in failures:
+            failures[pos] = bad_by_digest[digest]
+    return _result(paths, ok_rows, vectors, failures, _embedding_dim(model))
+
+
+def _hash_files(files: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
+    digests, failures = {}, {}
+    for pos, path in enumerate(files):
+        try:
+            with open(path, "rb") as handle:
+                digests[pos] = hashlib.file_digest(handle, "sha256").hexdigest()
+        except FileNotFoundError:
+            failures[pos] = "file not found"
+        except OSError as exc:
+            failures[pos] = f"cannot read file ({exc.strerror or exc})"
+    return digests, failures
+
+
+def _compute(model, preprocess, files: list[Path], batch_size: int, num_workers: int | None, device: torch.device):
+    """Run files through the loader and the model: ``((positions, vectors), {position: reason})``."""
+    n_batches = math.ceil(len(files) / batch_size)
+    workers = default_num_workers() if num_workers is None else num_workers
+    workers = 0 if n_batches == 1 else min(workers, n_batches)  # one batch: nothing to overlap with
+    loader = DataLoader(
+        ImageDataset([str(f) for f in files], preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_skip_failures,
+        pin_memory=device.type == "cuda",
+    )
+    positions, vectors, failures = [], [], {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast(device), tqdm(total=len(files), unit="img", desc="embedding") as bar:
+            for images, indices, batch_failures in loader:
+                failures.update(batch_failures)
+                if images is not None:
+                    features = model.encode_image(images.to(device, non_blocking=True))
+                    vectors.append(F.normalize(features.float(), dim=-1).cpu().numpy())
+                    positions.append(indices.numpy())
+                bar.update(len(indices) + len(batch_failures))
+    finally:
+        model.train(was_training)
+    if failures:
+        log.warning("%d of %d images could not be read and were skipped", len(failures), len(files))
+    if not vectors:
+        return (np.empty(0, dtype=np.int64), np.empty((0, _embedding_dim(model)), np.float32)), failures
+    return (np.concatenate(positions), np.concatenate(vectors)), failures
+
+
+def _embedding_dim(model) -> int:
+    return int(getattr(model.visual, "output_dim", 0))
+
+
+def _result(paths: list[str], ok_rows: list[int], vectors: list[np.ndarray], failures: dict[int, str], dim: int):
+    embeddings = np.stack(vectors).astype(np.float32, copy=False) if vectors else np.empty((0, dim), np.float32)
+    report = pd.DataFrame(
+        [(str(paths[pos]), reason) for pos, reason in sorted(failures.items())], columns=["image_path", "reason"]
+    )
+    return EmbeddingResult(
+        embeddings=embeddings,
+        image_paths=[str(paths[pos]) for pos in ok_rows],
+        rows=np.asarray(ok_rows, dtype=np.int64),
+        failures=report,
+    )
+
+
+class EmbeddingCache:
+    """One model's embeddings by image content hash: ``shard-*.npy`` arrays and an ``index.parquet``.
+
+    Files are written to a temporary name and renamed, so a reader never sees half a file;
+    two processes filling the same cache at once may each lose the other's index entries
+    (those images are then computed again), never corrupt it.
+    """
+
+    def __init__(self, directory: Path, meta: dict):
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta_path = directory / META_FILE
+        if not meta_path.exists():
+            _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+
+    @classmethod
+    def for_model(cls, cache_dir, model, preprocess, device: torch.device, model_name: str | None):
+        """The cache for this model name, visual weights, preprocessing, decoder and precision."""
+        meta = {
+            "format": CACHE_FORMAT,
+            "model": model_name or type(model).__name__,
+            "weights": weights_identity(model),
+            "preprocess": re.sub(r" at 0x[0-9a-f]+", "", repr(preprocess)),  # drop per-process addresses
+            "decoder": DECODER_SETTINGS,
+            "precision": _precision(device),
+        }
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", meta["model"])
+        return cls(Path(cache_dir) / f"{slug}-{key}", meta)
+
+    def lookup(self, digests: set[str]) -> dict[str, np.ndarray]:
+        """Stored embeddings for the given content hashes (missing ones are simply absent)."""
+        index = self._index()
+        wanted = index[index["digest"].isin(digests)]
+        found = {}
+        for shard, part in wanted.groupby("shard", sort=False):
+            try:
+                array = np.load(self.directory / shard, mmap_mode="r")
+                found.update(zip(part["digest"], np.asarray(array[part["row"].to_numpy()])))
+            except (OSError, ValueError, IndexError) as exc:
+                log.warning("embedding cache shard %s unusable (%s); recomputing its images", shard, exc)
+        return found
+
+    def add(self, digests: list[str], vectors: np.ndarray) -> None:
+        """Store new embeddings as one shard and add them to the index."""
+        shard = f"shard-{hashlib.sha256(''.join(digests).encode()).hexdigest()[:16]}.npy"
+        _atomic_write(self.directory / shard, lambda tmp: np.save(tmp, vectors.astype(np.float32, copy=False)))
+        added = pd.DataFrame({"digest": digests, "shard": shard, "row": np.arange(len(digests))})
+        index = pd.concat([self._index(), added], ignore_index=True).drop_duplicates("digest", keep="last")
+        _atomic_write(self.directory / INDEX_FILE, lambda tmp: index.to_parquet(tmp, index=False))
+
+    def _index(self) -> pd.DataFrame:
+        path = self.directory / INDEX_FILE
+        if not path.exists():
+            return pd.DataFrame({"digest": pd.Series(dtype=str), "shard": pd.Series(dtype=str),
+                                 "row": pd.Series(dtype=np.int64)})
+        return pd.read_parquet(path)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _precision(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"{device.type}-float32"
+    return "cuda-autocast-bfloat16" if torch.cuda.is_bf16_supported() else "cuda-autocast-float16"
+
+
+def benchmark_embed(
+    model_name: str = "ViT-B-32",
+    pretrained: str | None = None,
+    images: int = 256,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str = "auto",
+) -> dict:
+    """Images/s of the bare model, of files through loader and model, and of a cached re-run.
+
+    Writes ``images`` synthetic 640 x 640 JPEGs (street-view-like file sizes) to a temporary
+    folder; the raw figure is the forward pass alone on already-preprocessed tensors (one batch
+    of them, reused until ``images`` were processed), normalised and copied back like the pipeline's.
+    """
+    target = resolve_device(device)
+    model, preprocess, _ = load_clip(model_name, pretrained, device=target)
+    workers = default_num_workers() if num_workers is None else num_workers
+    with tempfile.TemporaryDirectory(prefix="lageo-bench-") as tmp:
+        paths = write_test_jpegs(Path(tmp) / "images", images)
+        batch = torch.stack([preprocess(open_rgb(p)) for p in paths[:batch_size]]).to(target)
+        # The raw figure is timed in two halves, before and after the pipeline, so that a change in
+        # the load of a shared machine during the run biases neither figure.
+        raw_s = _time_raw_forward(model, batch, images // 2, target)
+        run = dict(cache_dir=Path(tmp) / "cache", batch_size=batch_size, num_workers=workers, model_name=model_name)
+        start = time.perf_counter()
+        first = embed_paths(model, preprocess, paths, **run)
+        pipeline_s = time.perf_counter() - start
+        raw_s += _time_raw_forward(model, batch, images - images // 2, target)
+        start = time.perf_counter()
+        second = embed_paths(model, preprocess, paths, **run)
+        cached_s = time.perf_counter() - start
+    if not np.array_equal(first.embeddings, second.embeddings) or len(first.failures):
+        raise RuntimeError("benchmark check failed: cached embeddings differ from computed ones, or images failed")
+    return {
+        "model": model_name,
+        "device": str(target),
+        "images": images,
+        "raw_model_img_s": round(images / raw_s, 2),
+        "pipeline_img_s": round(images / pipeline_s, 2),
+        "pipeline_vs_raw": round(raw_s / pipeline_s, 3),
+        "cached_img_s": round(images / cached_s, 1),
+        "cache_speedup": round(pipeline_s / cached_s, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def write_test_jpegs(folder: Path, count: int, size: int = 640, seed: int = 0) -> list[str]:
+    """Synthetic JPEGs: smooth random colour fields plus grain, about the size of Street View images."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        grain = rng.normal(0.0, 6.0, (size, size, 3))
+        pixels = np.clip(np.asarray(coarse, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+        path = folder / f"bench_{i:05d}.jpg"
+        Image.fromarray(pixels).save(path, quality=85)
+        paths.append(str(path))
+    return paths
+
+
+def _time_raw_forward(model, batch: torch.Tensor, images: int, device: torch.device) -> float:
+    """Seconds for the model alone to embed ``images`` preprocessed images, in batches like ``batch``."""
+    model.eval()
+    with torch.inference_mode(), autocast(device):
+        model.encode_image(batch[:2])  # warm-up: first-call allocations are not throughput
+        _synchronize(device)
+        start = time.perf_counter()
+        done = 0
+        while done < images:
+            chunk = batch[: min(len(batch), images - done)]
+            F.normalize(model.encode_image(chunk).float(), dim=-1).cpu()
+            done += len(chunk)
+        _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
