@@ -1,0 +1,179 @@
+"""The embedding pipeline and its cache: right vectors, failures reported, re-runs compute nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lageo_utils.embed import benchmark_embed, embed_manifest, embed_paths
+from lageo_utils.images import open_rgb
+from lageo_utils.model import TINY_MODEL, load_clip
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, preprocess, _ = load_clip(TINY_MODEL, pretrained=None, device="cpu")
+    return model, preprocess
+
+
+@pytest.fixture
+def counted(tiny, monkeypatch):
+    """The tiny model with a record of how many images each forward pass received."""
+    model, preprocess = tiny
+    calls: list[int] = []
+    forward = model.encode_image
+
+    def encode_image(images, **kwargs):
+        calls.append(len(images))
+        return forward(images, **kwargs)
+
+    monkeypatch.setattr(model, "encode_image", encode_image)
+    return model, preprocess, calls
+
+
+def _write_images(folder, count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(count):
+        name = f"img_{i:02d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(folder / name, quality=90)
+        names.append(name)
+    return names
+
+
+def _reference(model, preprocess, paths) -> np.ndarray:
+    batch = torch.stack([preprocess(open_rgb(p)) for p in paths])
+    with torch.no_grad():
+        return F.normalize(model.encode_image(batch), dim=-1).numpy()
+
+
+def test_embeddings_match_the_model_and_failures_are_listed(tiny, tmp_path):
+    model, preprocess = tiny
+    names = _write_images(tmp_path, 3)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not a picture")
+    manifest = pd.DataFrame({"image_path": [names[0], "empty.jpg", names[1], "missing.jpg", "text.jpg", names[2]]})
+
+    result = embed_manifest(model, preprocess, manifest, tmp_path, batch_size=2, num_workers=0)
+
+    assert result.rows.tolist() == [0, 2, 5]
+    assert result.image_paths == names
+    assert result.embeddings.dtype == np.float32 and result.embeddings.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(result.embeddings, _reference(model, preprocess, [tmp_path / n for n in names]),
+                               atol=1e-5)
+    assert result.failures.to_dict(orient="records") == [
+        {"image_path": "empty.jpg", "reason": "empty file (0 bytes)"},
+        {"image_path": "missing.jpg", "reason": "file not found"},
+        {"image_path": "text.jpg", "reason": "not an image (unrecognised format)"},
+    ]
+
+
+def test_worker_processes_give_the_same_embeddings(tiny, tmp_path):
+    model, preprocess = tiny
+    paths = [str(tmp_path / n) for n in _write_images(tmp_path, 7)]
+    serial = embed_paths(model, preprocess, paths, batch_size=2, num_workers=0)
+    parallel = embed_paths(model, preprocess, paths, batch_size=2, num_workers=2)
+    assert parallel.rows.tolist() == list(range(7))
+    np.testing.assert_allclose(parallel.embeddings, serial.embeddings, atol=1e-6)
+
+
+def test_cache_hit_computes_nothing(counted, tmp_path):
+    model, preprocess, calls = counted
+    paths = [str(tmp_path / n) for n in _write_images(tmp_path, 5)]
+    first = embed_paths(model, preprocess, paths, cache_dir=tmp_path / "cache", batch_size=2, num_workers=0)
+    assert sum(calls) == 5
+
+    calls.clear()
+    again = embed_paths(model, preprocess, paths, cache_dir=tmp_path / "cache", batch_size=2, num_workers=0)
+    assert calls == []
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+    assert again.image_paths == first.image_paths
+
+    stored = list((tmp_path / "cache").iterdir())
+    assert len(stored) == 1 and stored[0].name.startswith(f"{type(model).__name__}-")
+    assert {p.suffix for p in stored[0].iterdir()} == {".npy", ".parquet", ".json"}
+
+
+def test_cache_miss_on_a_changed_file_only(counted, tmp_path):
+    model, preprocess, calls = counted
+    paths = [str(tmp_path / n) for n in _write_images(tmp_path, 4)]
+    first = embed_paths(model, preprocess, paths, cache_dir=tmp_path / "cache", num_workers=0, model_name="tiny")
+    Image.new("RGB", (32, 24), (250, 200, 10)).save(paths[2], quality=90)  # same name, new content
+
+    calls.clear()
+    second = embed_paths(model, preprocess, paths, cache_dir=tmp_path / "cache", num_workers=0, model_name="tiny")
+    assert calls == [1]
+    np.testing.assert_array_equal(second.embeddings[[0, 1, 3]], first.embeddings[[0, 1, 3]])
+    assert not np.allclose(second.embeddings[2], first.embeddings[2])
+    np.testing.assert_allclose(second.embeddings[2], _reference(model, preprocess, [paths[2]])[0], atol=1e-5)
+
+
+def test_cache_miss_on_a_changed_model_or_preprocessing(tmp_path):
+    torch.manual_seed(1)
+    model, preprocess, _ = load_clip(TINY_MODEL, pretrained=None, device="cpu")
+    paths = [str(tmp_path / n) for n in _write_images(tmp_path, 3)]
+    cache = tmp_path / "cache"
+    before = embed_paths(model, preprocess, paths, cache_dir=cache, num_workers=0)
+
+    with torch.no_grad():
+        model.visual.proj.mul_(-1.0)  # new weights, same name
+    after = embed_paths(model, preprocess, paths, cache_dir=cache, num_workers=0)
+    np.testing.assert_allclose(after.embeddings, -before.embeddings, atol=1e-5)  # recomputed, not reused
+
+    preprocess.transforms[0].size = 48  # resize before the crop: different pixels
+    embed_paths(model, preprocess, paths, cache_dir=cache, num_workers=0)
+    assert len(list(cache.iterdir())) == 3
+
+
+def test_duplicate_contents_are_embedded_once(counted, tmp_path):
+    model, preprocess, calls = counted
+    names = _write_images(tmp_path, 2)
+    (tmp_path / "copy.jpg").write_bytes((tmp_path / names[0]).read_bytes())
+    result = embed_paths(model, preprocess, [names[0], names[1], "copy.jpg", names[0]], root=tmp_path,
+                         num_workers=0)
+    assert calls == [2]
+    assert result.rows.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(result.embeddings[2], result.embeddings[0])
+
+
+def test_unusable_cache_shard_is_recomputed(counted, tmp_path, caplog):
+    model, preprocess, calls = counted
+    paths = [str(tmp_path / n) for n in _write_images(tmp_path, 2)]
+    first = embed_paths(model, preprocess, paths, cache_dir=tmp_path / "cache", num_workers=0)
+    (shard,) = (tmp_path / "cache").glob("*/shard-*.npy")
+    shard.write_bytes(b"damaged")
+
+    calls.clear()
+    again = embed_paths(model, preprocess, paths, cache_dir=tmp_path / "cache", num_workers=0)
+    assert calls == [2]
+    assert "unusable" in caplog.text
+    np.testing.assert_allclose(again.embeddings, first.embeddings, atol=1e-6)
+
+
+def test_nothing_readable(tiny, tmp_path):
+    model, preprocess = tiny
+    (tmp_path / "a.jpg").write_bytes(b"")
+    result = embed_paths(model, preprocess, ["a.jpg", "b.jpg"], root=tmp_path, cache_dir=tmp_path / "c")
+    assert result.embeddings.shape == (0, 64)
+    assert result.rows.tolist() == [] and len(result.failures) == 2
+
+
+def test_manifest_needs_image_paths(tiny):
+    with pytest.raises(ValueError, match="no 'image_path' column"):
+        embed_manifest(*tiny, pd.DataFrame({"path": ["a.jpg"]}), None)
+
+
+def test_benchmark_reports_its_figures():
+    figures = benchmark_embed(TINY_MODEL, None, images=6, batch_size=4, num_workers=0, device="cpu")
+    assert {"model", "device", "images", "raw_model_img_s", "pipeline_img_s", "pipeline_vs_raw", "cached_img_s",
+            "cache_speedup", "peak_rss_mb"} <= figures.keys()
+    assert figures["model"] == TINY_MODEL and figures["images"] == 6 and figures["device"] == "cpu"
+    for key in ("raw_model_img_s", "pipeline_img_s", "cached_img_s", "peak_rss_mb"):
+        assert figures[key] > 0
+    assert figures["pipeline_vs_raw"] == pytest.approx(figures["pipeline_img_s"] / figures["raw_model_img_s"], rel=0.01)
