@@ -17,6 +17,7 @@ import socket
 import threading
 import warnings
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import geopandas as gpd
 import numpy as np
@@ -32,7 +33,8 @@ from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from shapely.geometry import LineString
 
 MAP_CRS = "EPSG:3310"  # California Albers: metres, equal-area
-TILE_HOST = "a.basemaps.cartocdn.com"  # serves CartoDB Positron, the basemap used below
+TILE_URL = "https://a.basemaps.cartocdn.com/light_all/{z}/{x}/{y}.png"  # CartoDB Positron
+TILE_ATTRIBUTION = "(C) OpenStreetMap contributors (C) CARTO"
 TILE_PROBE_TIMEOUT_S = 1.0
 PLAIN_BACKGROUND = "#eef1f4"
 OFFLINE_NOTE = "Basemap unavailable offline"
@@ -244,7 +246,7 @@ def region_error_map(predictions: pd.DataFrame, regions: gpd.GeoDataFrame, basem
 
 
 @functools.cache
-def tiles_reachable(host: str = TILE_HOST, port: int = 443, timeout_s: float = TILE_PROBE_TIMEOUT_S) -> bool:
+def tiles_reachable(host: str, port: int, timeout_s: float = TILE_PROBE_TIMEOUT_S) -> bool:
     """Whether the tile server accepts a TCP connection; probed once per process."""
     reached: list[bool] = []
 
@@ -271,15 +273,11 @@ def add_basemap(ax, basemap: str | None = "auto") -> bool:
     if basemap not in ("auto", None):
         raise ValueError(f"basemap must be 'auto' or None, not {basemap!r}")
     drawn = False
-    if basemap == "auto" and tiles_reachable():
+    server = urlsplit(TILE_URL)
+    if basemap == "auto" and tiles_reachable(server.hostname, server.port or 443):
         try:
-            import contextily as ctx
-
-            ctx.add_basemap(
-                ax, crs=MAP_CRS, source=ctx.providers.CartoDB.Positron, timeout=(1, 5), attribution_size=6, zorder=0
-            )
-            drawn = True
-        except Exception:
+            drawn = _draw_tiles(ax)
+        except Exception:  # any tile failure at all: the plain map below (see the docstring)
             drawn = False
     if not drawn:
         ax.set_facecolor(PLAIN_BACKGROUND)
@@ -297,6 +295,30 @@ def add_basemap(ax, basemap: str | None = "auto") -> bool:
             zorder=10,
         )
     return drawn
+
+
+def _draw_tiles(ax) -> bool:
+    import contextily as ctx
+    import matplotlib.pyplot as plt
+
+    open_before = set(plt.get_fignums())
+    try:
+        with warnings.catch_warnings():  # rasterio's own deprecation notices are noise in a report
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            ctx.add_basemap(
+                ax,
+                crs=MAP_CRS,
+                source=TILE_URL,
+                attribution=TILE_ATTRIBUTION,
+                attribution_size=6,
+                timeout=(1, 5),
+                zorder=0,
+            )
+    finally:
+        # add_basemap calls pyplot.draw(), which opens an empty pyplot figure when none is current.
+        for number in set(plt.get_fignums()) - open_before:
+            plt.close(number)
+    return True
 
 
 def add_scale_bar(ax) -> AnchoredSizeBar:

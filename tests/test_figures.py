@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -252,14 +255,43 @@ def test_basemap_none_never_tries_tiles(regions, monkeypatch):
         figures.regions_map(regions, basemap="satellite")
 
 
-def test_tiles_are_drawn_when_contextily_succeeds(regions, monkeypatch):
-    import contextily
+@pytest.fixture
+def tile_server():
+    """A local tile server answering every request with one flat 256 px PNG tile."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 220, 180)).save(buffer, "PNG")
+    tile = buffer.getvalue()
 
-    calls = []
-    monkeypatch.setattr(maps, "tiles_reachable", lambda *a, **k: True)
-    monkeypatch.setattr(contextily, "add_basemap", lambda ax, **kw: calls.append(kw["crs"]))
+    class Tiles(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(tile)))
+            self.end_headers()
+            self.wfile.write(tile)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Tiles)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/{{z}}/{{x}}/{{y}}.png"
+    server.shutdown()
+    server.server_close()
+
+
+def test_tiles_are_drawn_in_the_map_crs_when_the_server_answers(regions, monkeypatch, tile_server):
+    monkeypatch.setattr(maps, "tiles_reachable", PROBE)  # the real probe, against the local server
+    monkeypatch.setattr(maps, "TILE_URL", tile_server)
     fig = figures.regions_map(regions)
-    assert calls == [maps.MAP_CRS] and maps.OFFLINE_NOTE not in texts(fig)
+    ax = fig.axes[0]
+    (tiles,) = ax.get_images()
+    west, east, south, north = tiles.get_extent()  # reprojected to EPSG:3310, covering the map
+    assert west <= ax.get_xlim()[0] and east >= ax.get_xlim()[1]
+    assert south <= ax.get_ylim()[0] and north >= ax.get_ylim()[1]
+    labels = texts(fig)
+    assert maps.OFFLINE_NOTE not in labels and maps.TILE_ATTRIBUTION in labels
+    assert plt.get_fignums() == []  # contextily's pyplot.draw() left no stray figure behind
 
 
 def test_tile_probe_is_a_quick_socket_check():
