@@ -235,3 +235,27 @@ def test_cli_exit_codes(capsys, photos, tmp_path):
 
     code, out, err = _cli(capsys, photos[0], "--model", TINY_MODEL, "--pretrained", "none", "--top-k", "0")
     assert code == 2 and out is None and "--top-k must be at least 1" in err
+
+
+def test_cli_predicts_with_a_finetuned_checkpoint(capsys, regions, photos, tmp_path):
+    from lageo_utils.finetune import TrainConfig, load_finetuned, train
+
+    four = regions.iloc[:4].reset_index(drop=True)
+    manifest = pd.DataFrame({"image_path": [p.name for p in photos] * 2,
+                             "latitude": np.repeat(four["centroid_lat"].to_numpy()[:3], 2),
+                             "longitude": np.repeat(four["centroid_lon"].to_numpy()[:3], 2),
+                             "region_id": np.repeat(four["id"].to_numpy()[:3], 2)})
+    config = TrainConfig(strategy="linear_probe", model_name=TINY_MODEL, pretrained=None, epochs=1, lr=0.5,
+                         batch_size=4, num_workers=0)
+    train(manifest, manifest, four, photos[0].parent, tmp_path / "run", config, device="cpu")
+    best = tmp_path / "run" / "best.pt"
+    regions_file = tmp_path / "four.geojson"
+    four.to_file(regions_file, driver="GeoJSON")
+
+    code, out, _ = _cli(capsys, photos[0], "--checkpoint", best, "--regions", regions_file, "--top-k", "2")
+
+    assert code == 0
+    expected_gps, expected_probs = load_finetuned(best, four, device="cpu").predict(photos[0], top_k=2)
+    assert out[0]["top_pred_gps"] == [list(g) for g in expected_gps]
+    assert out[0]["top_pred_prob"] == pytest.approx(expected_probs)
+    assert set(out[0]["top_regions"]) <= set(four["id"])
