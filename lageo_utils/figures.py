@@ -289,12 +289,14 @@ def example_grid(
     shown = _readable_images(predictions.sample(frac=1.0, random_state=seed), image_root, n)
     cols = max(1, min(4, len(shown)))
     rows = max(1, math.ceil(len(shown) / cols))
-    fig = new_figure((3.3 * cols, 4.3 * rows))
+    aspect = float(np.median([image.height / image.width for _, image in shown])) if shown else 1.0
+    image_h, caption_h = 3.1 * aspect, 0.3 + 0.22 * top_k
+    fig = new_figure((3.3 * cols, (image_h + caption_h + 0.5) * rows))
     if not shown:
         fig.text(0.5, 0.5, "No readable images to show", ha="center", va="center", fontsize=12)
         return fig
     # Each cell is an image axes above a caption axes, so captions never run into the next row.
-    grid = fig.subplots(2 * rows, cols, gridspec_kw={"height_ratios": [3.2, 0.25 + 0.22 * top_k] * rows}, squeeze=False)
+    grid = fig.subplots(2 * rows, cols, gridspec_kw={"height_ratios": [image_h, caption_h] * rows}, squeeze=False)
     for ax in grid.ravel():
         ax.axis("off")
     for k, (row, image) in enumerate(shown):
@@ -317,7 +319,7 @@ def example_grid(
                 fontweight="bold" if hit else "normal",
             )
     fig.suptitle(f"Example test images with their top-{top_k} predictions (seed {seed})", fontsize=12)
-    fig.tight_layout(h_pad=0.4)
+    fig.tight_layout(h_pad=1.2)
     return fig
 
 
