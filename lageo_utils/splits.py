@@ -73,21 +73,32 @@ def _image_split(manifest: pd.DataFrame, fractions, seed: int) -> dict[str, pd.D
 
 def _location_split(manifest: pd.DataFrame, fractions, seed: int) -> dict[str, pd.DataFrame]:
     # scikit-learn's group splitters give folds, not a stratified three-way split by
-    # fractions, so locations are assigned here: per region, shuffle capture points and
-    # fill the splits in order until each holds its share of that region's images.
+    # fractions, so capture points are allocated here: per region, shuffle the points and
+    # give each split its share of them (largest remainder), at least one point per split
+    # with a non-zero fraction when the region has enough points.
     rng = np.random.default_rng(seed)
-    bounds = np.cumsum(fractions)[:2]
     assignment: dict[str, str] = {}
     for _, group in manifest.groupby("region_id", sort=True):
-        sizes = group.groupby("location_id", sort=True).size()
-        order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
-        counts = sizes.loc[order].to_numpy()
-        # Position of each location's middle image in the region's cumulative image count.
-        middle = (np.cumsum(counts) - counts / 2) / counts.sum()
-        for loc, pos in zip(order, middle):
-            assignment[loc] = SPLITS[int(np.searchsorted(bounds, pos, side="right"))]
+        locations = np.sort(group["location_id"].unique())
+        order = locations[rng.permutation(len(locations))]
+        counts = _allocate(len(order), np.asarray(fractions, dtype=float))
+        labels = np.repeat(np.array(SPLITS), counts)
+        assignment.update(zip(order, labels))
     which = manifest["location_id"].map(assignment)
     return {name: manifest[which == name] for name in SPLITS}
+
+
+def _allocate(n: int, fractions: np.ndarray) -> np.ndarray:
+    """Split ``n`` items by ``fractions`` (largest remainder), each non-zero share getting one if possible."""
+    exact = fractions * n
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]] += 1
+    wanted = fractions > 0
+    if n >= wanted.sum():
+        for i in np.flatnonzero(wanted & (counts == 0)):
+            counts[i] += 1
+            counts[np.argmax(counts)] -= 1
+    return counts
 
 
 def _apply_buffer(parts: dict[str, pd.DataFrame], buffer_m: float) -> dict[str, pd.DataFrame]:

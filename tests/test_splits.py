@@ -100,3 +100,14 @@ def test_cli_split_writes_files(reference_dir, tmp_path, capsys):
     assert list(train.columns[:7]) == ["image_path", "latitude", "longitude", "heading", "region_id",
                                        "location_id", "source"]
     assert sum(len(pd.read_csv(out / f"{k}.csv")) for k in ("train", "val", "test")) == 1363
+
+
+def test_location_split_gives_every_split_a_point_in_small_regions(regions):
+    rows = [{"image_path": f"{rid}_{p}_{h}.jpg", "latitude": lat + p * 1e-3, "longitude": lon, "heading": h}
+            for rid, lat, lon in regions[["id", "centroid_lat", "centroid_lon"]].itertuples(index=False)
+            for p in range(3) for h in (0, 90, 180, 270)]
+    manifest, _ = prepare_manifest(pd.DataFrame(rows), regions)
+    parts = split(manifest, "location", seed=0)
+    for name in ("train", "val", "test"):
+        assert parts[name].groupby("region_id")["location_id"].nunique().eq(1).all()
+        assert parts[name]["region_id"].nunique() == 15
