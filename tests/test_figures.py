@@ -404,27 +404,27 @@ def test_example_grid_skips_unreadable_images(regions, predictions, tmp_path):
 
 def test_region_examples_one_cell_per_region_and_image(regions, tmp_path):
     rng = np.random.default_rng(1)
+    ids = list(regions["id"][:3])
     manifest = pd.DataFrame(
         {
-            "image_path": [f"{rid}_{k}.png" for rid in regions["id"][:3] for k in range(3)],
-            "region_id": [rid for rid in regions["id"][:3] for _ in range(3)],
+            "image_path": [f"{rid}_{k}.png" for rid in ids for k in range(3)],
+            "region_id": [rid for rid in ids for _ in range(3)],
             "heading": [0.0, 90.0, 180.0] * 3,
         }
     )
     for path in manifest["image_path"]:
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / path)
-    first_region = manifest[manifest["region_id"] == regions["id"][0]]["image_path"]
-    for path in first_region.iloc[:2]:
-        (tmp_path / path).write_bytes(b"")  # two of the first region's three images are broken
+    broken = [f"{ids[0]}_0.png", f"{ids[0]}_1.png", f"{ids[1]}_0.png", f"{ids[1]}_1.png", f"{ids[1]}_2.png"]
+    for path in broken:  # the first region keeps one readable image, the second none
+        (tmp_path / path).write_bytes(b"")
     with pytest.warns(UserWarning, match="empty file"):
-        fig = figures.region_examples(manifest, tmp_path, regions, per_region=2, seed=0)
-    image_axes = [ax for ax in fig.axes if ax.get_images()]
-    titles = [ax.get_title() for ax in fig.axes][: 2 * len(regions)]
-    assert len(fig.axes) == 2 * len(regions) and len(image_axes) == 1 + 2 + 2
-    assert titles[0].startswith(regions["name"][0]) and titles[0].endswith("°")
-    assert sum("no readable image" in t for t in texts(fig)) == 1 + 2 * (len(regions) - 3)
+        fig = figures.region_examples(manifest, tmp_path, regions, seed=0)
+    assert len(fig.axes) == len(regions)
+    assert [bool(ax.get_images()) for ax in fig.axes[:3]] == [True, False, True]
+    assert fig.axes[0].get_title() == f"{regions['name'][0]} · 180°"  # the only readable one of its three
+    assert sum("no readable image" in t for t in texts(fig)) == len(regions) - 2
     palette = figures.region_palette(regions)
-    assert fig.axes[2].spines["top"].get_edgecolor()[:3] == pytest.approx(to_rgb(palette[regions["id"][1]]))
+    assert fig.axes[1].spines["top"].get_edgecolor()[:3] == pytest.approx(to_rgb(palette[ids[1]]))
     assert_png(figures.save_figure(fig, tmp_path / "region_examples.png"))
 
 
