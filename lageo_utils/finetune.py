@@ -91,23 +91,25 @@ class TrainConfig:
         self.pretrained = normalize_pretrained(self.pretrained)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        _check_int("epochs", self.epochs, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("grad_accum_steps", self.grad_accum_steps, 1)
-        _check_int("unfreeze_blocks", self.unfreeze_blocks, 1)
-        _check_int("embed_batch_size", self.embed_batch_size, 1)
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"learning rate must be > 0, got {self.lr!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        # Plain Python numbers: the config is stored in checkpoints that load with weights_only=True.
+        self.epochs = _checked_int("epochs", self.epochs, 1)
+        self.batch_size = _checked_int("batch_size", self.batch_size, 1)
+        self.grad_accum_steps = _checked_int("grad_accum_steps", self.grad_accum_steps, 1)
+        self.unfreeze_blocks = _checked_int("unfreeze_blocks", self.unfreeze_blocks, 1)
+        self.embed_batch_size = _checked_int("embed_batch_size", self.embed_batch_size, 1)
+        self.seed = _checked_int("seed", self.seed, 0)
+        if self.lr is not None:
+            self.lr = _checked_float("learning rate", self.lr, above=0.0)
+        self.weight_decay = _checked_float("weight_decay", self.weight_decay, at_least=0.0)
+        self.warmup_fraction = _checked_float("warmup_fraction", self.warmup_fraction, at_least=0.0)
+        if self.warmup_fraction >= 1:
+            raise ValueError(f"warmup_fraction must be below 1, got {self.warmup_fraction!r}")
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = _checked_float("max_grad_norm", self.max_grad_norm, above=0.0)
         if self.patience is not None:
-            _check_int("patience", self.patience, 1)
+            self.patience = _checked_int("patience", self.patience, 1)
         if self.num_workers is not None:
-            _check_int("num_workers", self.num_workers, 0)
+            self.num_workers = _checked_int("num_workers", self.num_workers, 0)
         if self.templates is not None:
             self.templates = [str(t) for t in self.templates]
 
@@ -119,9 +121,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def _checked_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _checked_float(name: str, value, *, above: float | None = None, at_least: float | None = None) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or (above is not None and number <= above) or (
+        at_least is not None and number < at_least
+    ):
+        bound = f"> {above}" if above is not None else f">= {at_least}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return number
 
 
 class RegionClassifier(nn.Module):
@@ -391,15 +407,13 @@ def _unfreeze(visual: nn.Module, config: TrainConfig) -> None:
 def _optimizer(classifier: RegionClassifier, config: TrainConfig, total_steps: int):
     """AdamW (decay on encoder matrices only) and a per-step linear warm-up + cosine schedule."""
     decay, no_decay = [], []
-    for name, param in classifier.visual.named_parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 and "embedding" not in name else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if classifier.head is not None:
-        groups.append({"params": list(classifier.head.parameters()), "weight_decay": 0.0})
-    if config.strategy == "linear_probe":
-        groups = groups[-1:]
-    groups = [g for g in groups if g["params"]]
+    if config.strategy != "linear_probe":
+        for name, param in classifier.visual.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 and "embedding" not in name else no_decay).append(param)
+    head = list(classifier.head.parameters()) if classifier.head is not None else []
+    groups = [{"params": params, "weight_decay": wd}
+              for params, wd in ((decay, config.weight_decay), (no_decay, 0.0), (head, 0.0)) if params]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     warmup = int(config.warmup_fraction * total_steps)
 
@@ -479,7 +493,7 @@ def _train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
     remap = torch.full((len(run.region_ids),), -1, dtype=torch.long, device=run.device)
     remap[train_classes] = torch.arange(len(train_classes), device=run.device)
     loader = _loader(run, data, shuffle=True, epoch=epoch)
-    total, count, pending = 0.0, 0, 0
+    total, count, pending = torch.zeros((), device=run.device), 0, 0  # summed on the device: no sync per batch
     run.optimizer.zero_grad(set_to_none=True)
     progress = tqdm(_batches(run, data, loader), total=len(loader), desc=f"epoch {epoch}", leave=False)
     for i, (inputs, labels) in enumerate(progress):
@@ -488,9 +502,10 @@ def _train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
             loss = F.cross_entropy(logits, remap[labels])
             run.scaler.scale(loss / config.grad_accum_steps).backward()
             pending += 1
-            total += loss.item() * len(labels)
+            total += loss.detach() * len(labels)
             count += len(labels)
-            progress.set_postfix(loss=f"{total / count:.4f}")
+            if i % 10 == 0:
+                progress.set_postfix(loss=f"{total.item() / count:.4f}")
         if pending and ((i + 1) % config.grad_accum_steps == 0 or i + 1 == len(loader)):
             _optimizer_step(run)
             pending = 0
@@ -498,7 +513,7 @@ def _train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
             on_step(epoch, i)
     if count == 0:
         raise ValueError("no training image could be read in this epoch")
-    return total / count
+    return total.item() / count
 
 
 def _optimizer_step(run: _Run) -> None:
@@ -659,8 +674,8 @@ def _finish(run: _Run) -> TrainResult:
         "pretrained": config.pretrained,
         "lr": config.learning_rate,
         "batch_size": config.batch_size,
-        "n_train": len(run.train.labels) if run.train is not None else 0,
-        "n_val": len(run.val.labels),
+        "n_train": _readable(run.train, skipped),
+        "n_val": _readable(run.val, skipped),
         "data_hashes": run.data_hashes,
         "seconds": float(sum(h["seconds"] for h in run.history)),
         "skipped_images": [{"image_path": p, "reason": r} for p, r in sorted(skipped.items())],
@@ -670,6 +685,11 @@ def _finish(run: _Run) -> TrainResult:
     _write_history(run)
     return TrainResult(summary, pd.read_csv(run.out_dir / HISTORY), run.out_dir, run.out_dir / BEST,
                        run.out_dir / LAST)
+
+
+def _readable(data: _Data | None, skipped: dict) -> int:
+    """Images of a split that could be read (embedding strategies list only those in the first place)."""
+    return 0 if data is None else sum(path not in skipped for path in data.paths)
 
 
 @contextlib.contextmanager
@@ -743,6 +763,7 @@ class FineTunedPredictor(GeoPredictor):
         with torch.no_grad():
             return self.classifier.classify(torch.atleast_2d(features))[:, self.columns]
 
+
 def benchmark_train(
     model_name: str = "ViT-B-32",
     pretrained: str | None = None,
@@ -767,7 +788,7 @@ def benchmark_train(
     if strategy not in STRATEGIES or strategy == "zeroshot":
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES[1:])} (zeroshot trains nothing), "
                          f"not {strategy!r}")
-    _check_int("images", images, 1)
+    _checked_int("images", images, 1)
     target = resolve_device(device)
     config = TrainConfig(strategy=strategy, model_name=model_name, pretrained=pretrained, batch_size=batch_size,
                          epochs=8 if strategy == "linear_probe" else 2)
@@ -811,7 +832,7 @@ def benchmark_train(
                 _synchronize(target)
                 seconds = time.perf_counter() - start
                 trained = images
-    trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for group in run.optimizer.param_groups for p in group["params"])
     return {
         "model": model_name,
         "device": str(target),

@@ -206,7 +206,7 @@ def test_unreadable_training_images_are_skipped_and_reported(data, tmp_path):
         skipped = result.summary["skipped_images"]
         assert [s["image_path"] for s in skipped] == ["broken.png"], skipped
         assert skipped[0]["reason"]
-        assert result.summary["n_train"] == len(data.train) + (strategy == "partial")
+        assert result.summary["n_train"] == len(data.train)
 
 
 @pytest.mark.parametrize(
