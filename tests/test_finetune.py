@@ -175,6 +175,42 @@ def test_head_starts_at_the_zero_shot_logits(data, reference):
     assert (zeroshot["epochs_run"], zeroshot["best_epoch"]) == (0, 0)
 
 
+def test_zeroshot_checkpoint_predicts_exactly_like_zero_shot_clip(data, reference):
+    from lageo_utils.checkpoints import seed_everything
+    from lageo_utils.model import load_clip
+    from lageo_utils.zeroshot import GeoPredictor
+
+    seed_everything(tiny_config("zeroshot").seed)  # the random base model the run started from
+    model, preprocess, tokenizer = load_clip("lageo-tiny", pretrained=None, device="cpu")
+    zero_shot = predict_val(GeoPredictor(model, preprocess, tokenizer, data.regions, device="cpu"), data)
+    from_checkpoint = predict_val(load_finetuned(reference("zeroshot").best_checkpoint, data.regions, "cpu"), data)
+    assert from_checkpoint["top_regions"].tolist() == zero_shot["top_regions"].tolist()
+    np.testing.assert_allclose(np.stack(from_checkpoint["top_probs"]), np.stack(zero_shot["top_probs"]), atol=1e-6)
+    assert zero_shot["correct"].mean() == reference("zeroshot").summary["best_val_acc"]
+
+
+def test_training_leaves_a_given_model_untouched(data, tmp_path):
+    from lageo_utils.model import load_clip, weights_identity
+
+    clip = load_clip("lageo-tiny", pretrained=None, device="cpu")
+    before = weights_identity(clip[0])
+    result = run_training(data, tmp_path, tiny_config("partial", epochs=1), clip=clip)
+    assert result.summary["epochs_run"] == 1
+    assert weights_identity(clip[0]) == before
+    assert all(p.requires_grad for p in clip[0].visual.parameters())
+
+
+def test_gradient_accumulation_matches_the_larger_batch(data, tmp_path):
+    def head_after_one_epoch(name: str, **changes) -> torch.Tensor:
+        result = run_training(data, tmp_path / name, tiny_config("linear_probe", epochs=1, **changes))
+        return load_checkpoint(result.last_checkpoint)["model"]["head.weight"]
+
+    whole = head_after_one_epoch("whole", batch_size=16)
+    accumulated = head_after_one_epoch("accumulated", batch_size=8, grad_accum_steps=2)
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(whole, head_after_one_epoch("smaller", batch_size=8))
+
+
 def test_regions_without_training_images_keep_their_text_weights(data, regions, tmp_path):
     five = regions.iloc[:5].reset_index(drop=True)  # the fifth region has no images
     config = tiny_config("linear_probe", epochs=1)
