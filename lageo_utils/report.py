@@ -95,7 +95,7 @@ def classification_reports_markdown(run: Path) -> str:
 
 def figure(run: Path, name: str) -> Image:
     """A saved figure, embedded in the notebook (and so in the single-file HTML report)."""
-    return Image(filename=str(run / "figures" / f"{name}.png"), embed=True)
+    return Image(filename=str(run / "figures" / f"{name}.png"), embed=True, alt=name.replace("_", " "))
 
 
 def training_summary(run: Path) -> pd.Series:
