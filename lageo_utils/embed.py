@@ -141,8 +141,7 @@ def _hash_files(files: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
 def _compute(model, preprocess, files: list[Path], batch_size: int, num_workers: int | None, device: torch.device):
     """Run files through the loader and the model: ``((positions, vectors), {position: reason})``."""
     n_batches = math.ceil(len(files) / batch_size)
-    workers = default_num_workers() if num_workers is None else num_workers
-    workers = 0 if n_batches == 1 else min(workers, n_batches)  # one batch: nothing to overlap with
+    workers = min(default_num_workers() if num_workers is None else num_workers, n_batches)
     loader = DataLoader(
         ImageDataset([str(f) for f in files], preprocess),
         batch_size=batch_size,
@@ -312,6 +311,7 @@ def benchmark_embed(
         "num_workers": workers,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),  # this run included: above ~2-3 means other work shared the 2 cores
     }
 
 
