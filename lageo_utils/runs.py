@@ -135,6 +135,14 @@ def write_params(run_dir: Path, params: dict, parent: Path | None = None) -> Pat
     return path
 
 
+def update_params(run_dir: Path, params: dict) -> None:
+    """Replace the ``params`` of a run's ``params.yaml``, keeping its id, date, provenance and parent."""
+    path = run_dir / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["params"] = params
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
 def read_params(run_dir: Path) -> dict:
     """The ``params`` mapping of a run."""
     path = run_dir / "params.yaml"

@@ -27,6 +27,7 @@ from lageo_utils.runs import (
     resolve_params,
     sha256_file,
     start_step,
+    update_params,
     write_params,
 )
 
@@ -55,7 +56,7 @@ def open_step(step: str, run_dir: str | os.PathLike | None, profile: str = "demo
     params = read_params(run)
     if any(params.get(k) != v for k, v in given.items()):
         params = {**params, **given}
-        write_params(run, params)
+        update_params(run, params)
     return run, params
 
 
