@@ -140,11 +140,11 @@ def _hash_files(files: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
 
 def _compute(model, preprocess, files: list[Path], batch_size: int, num_workers: int | None, device: torch.device):
     """Run files through the loader and the model: ``((positions, vectors), {position: reason})``."""
-    n_batches = math.ceil(len(files) / batch_size)
-    workers = min(default_num_workers() if num_workers is None else num_workers, n_batches)
+    workers = min(default_num_workers() if num_workers is None else num_workers, math.ceil(len(files) / batch_size))
     loader = DataLoader(
         ImageDataset([str(f) for f in files], preprocess),
-        batch_size=batch_size,
+        # Each worker prepares a share of a forward batch, so the first batch is ready `workers` times sooner.
+        batch_size=math.ceil(batch_size / max(1, workers)),
         num_workers=workers,
         collate_fn=collate_skip_failures,
         pin_memory=device.type == "cuda",
@@ -154,13 +154,10 @@ def _compute(model, preprocess, files: list[Path], batch_size: int, num_workers:
     model.eval()
     try:
         with torch.inference_mode(), autocast(device), tqdm(total=len(files), unit="img", desc="embedding") as bar:
-            for images, indices, batch_failures in loader:
-                failures.update(batch_failures)
-                if images is not None:
-                    features = model.encode_image(images.to(device, non_blocking=True))
-                    vectors.append(F.normalize(features.float(), dim=-1).cpu().numpy())
-                    positions.append(indices.numpy())
-                bar.update(len(indices) + len(batch_failures))
+            for images, indices in _forward_batches(loader, batch_size, device, failures, bar):
+                features = model.encode_image(images)
+                vectors.append(F.normalize(features.float(), dim=-1).cpu().numpy())
+                positions.append(indices.numpy())
     finally:
         model.train(was_training)
     if failures:
@@ -168,6 +165,23 @@ def _compute(model, preprocess, files: list[Path], batch_size: int, num_workers:
     if not vectors:
         return (np.empty(0, dtype=np.int64), np.empty((0, _embedding_dim(model)), np.float32)), failures
     return (np.concatenate(positions), np.concatenate(vectors)), failures
+
+
+def _forward_batches(loader: DataLoader, batch_size: int, device: torch.device, failures: dict, bar):
+    """Regroup the loader's chunks into batches of ``batch_size`` readable images on ``device``; record failures."""
+    images, indices = [], []
+    for chunk, chunk_indices, chunk_failures in loader:
+        failures.update(chunk_failures)
+        bar.update(len(chunk_indices) + len(chunk_failures))
+        if chunk is not None:
+            images.append(chunk.to(device, non_blocking=True))
+            indices.append(chunk_indices)
+        while sum(len(i) for i in indices) >= batch_size:
+            stacked, stacked_indices = torch.cat(images), torch.cat(indices)
+            yield stacked[:batch_size], stacked_indices[:batch_size]
+            images, indices = [stacked[batch_size:]], [stacked_indices[batch_size:]]
+    if sum(len(i) for i in indices):
+        yield torch.cat(images), torch.cat(indices)
 
 
 def _embedding_dim(model) -> int:
@@ -283,14 +297,15 @@ def benchmark_embed(
     with tempfile.TemporaryDirectory(prefix="lageo-bench-") as tmp:
         paths = write_test_jpegs(Path(tmp) / "images", images)
         batch = torch.stack([preprocess(open_rgb(p)) for p in paths[:batch_size]]).to(target)
-        # The raw figure is timed in two halves, before and after the pipeline, so that a change in
-        # the load of a shared machine during the run biases neither figure.
-        raw_s = _time_raw_forward(model, batch, images // 2, target)
+        # The raw figure is timed in two halves (whole batches, as the pipeline runs them), before and
+        # after the pipeline, so that a change in the load of a shared machine biases neither figure.
+        raw_first = min(images, math.ceil(images / batch_size) // 2 * batch_size)
+        raw_s = _time_raw_forward(model, batch, raw_first, target)
         run = dict(cache_dir=Path(tmp) / "cache", batch_size=batch_size, num_workers=workers, model_name=model_name)
         start = time.perf_counter()
         first = embed_paths(model, preprocess, paths, **run)
         pipeline_s = time.perf_counter() - start
-        raw_s += _time_raw_forward(model, batch, images - images // 2, target)
+        raw_s += _time_raw_forward(model, batch, images - raw_first, target)
         start = time.perf_counter()
         second = embed_paths(model, preprocess, paths, **run)
         cached_s = time.perf_counter() - start

@@ -83,6 +83,19 @@ def test_worker_processes_give_the_same_embeddings(tiny, tmp_path):
     np.testing.assert_allclose(parallel.embeddings, serial.embeddings, atol=1e-6)
 
 
+def test_workers_share_each_forward_batch_of_exactly_batch_size(counted, tmp_path):
+    model, preprocess, calls = counted
+    names = _write_images(tmp_path, 7)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
+    paths = [names[0], "bad.jpg", *names[1:4], "bad.jpg", *names[4:]]
+    result = embed_paths(model, preprocess, paths, root=tmp_path, batch_size=4, num_workers=2)
+    assert calls == [4, 3]  # loader chunks of 2 from two workers, regrouped around the failures
+    assert result.rows.tolist() == [0, 2, 3, 4, 6, 7, 8]
+    assert result.failures["image_path"].tolist() == ["bad.jpg", "bad.jpg"]
+    np.testing.assert_allclose(result.embeddings, _reference(model, preprocess, [tmp_path / n for n in names]),
+                               atol=1e-5)
+
+
 def test_cache_hit_computes_nothing(counted, tmp_path):
     model, preprocess, calls = counted
     paths = [str(tmp_path / n) for n in _write_images(tmp_path, 5)]
