@@ -7,9 +7,9 @@ from pathlib import Path
 
 import geopandas as gpd
 import ipywidgets as widgets
-import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
+from matplotlib.figure import Figure
 
 from lageo_utils.images import ImageReadError, open_rgb
 
@@ -43,14 +43,13 @@ class PredictionExplorer:
         if self.image_picker.value is None:
             return
         with self.output:
-            fig = self.figure(self.image_picker.value)
-            display(fig)
-            plt.close(fig)
+            display(self.figure(self.image_picker.value))
 
     def figure(self, row: int):
         """The image, its top-k probabilities and a map of the true point and predicted centroids."""
         pred = self.predictions.loc[row]
-        fig, (ax_img, ax_bar, ax_map) = plt.subplots(1, 3, figsize=(15, 4.5), width_ratios=[1, 1.1, 1.3])
+        fig = Figure(figsize=(15, 4.5))  # outside pyplot: nothing left open for the notebook to show twice
+        ax_img, ax_bar, ax_map = fig.subplots(1, 3, width_ratios=[1, 1.1, 1.3])
         try:
             ax_img.imshow(open_rgb(self.image_root / pred["image_path"]))
         except ImageReadError as exc:

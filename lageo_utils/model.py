@@ -60,13 +60,15 @@ def load_clip(
     pretrained: str | os.PathLike | None = "openai",
     device: str | torch.device = "auto",
     cache_dir: str | os.PathLike | None = None,
+    quick_gelu: bool | None = None,
 ):
     """Create an open_clip model with its eval preprocessing and tokenizer.
 
     ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...), a path to a local
     checkpoint, or ``None`` for random weights. If ``LAGEO_CLIP_WEIGHTS`` names a file it is used
     instead of a tag. OpenAI weights (the ``openai`` tag or a local file) use QuickGELU, as they
-    were trained. Returns ``(model, preprocess, tokenizer)`` with the model in eval mode on
+    were trained; pass ``quick_gelu=False`` for a local file of other weights (e.g. LAION).
+    Returns ``(model, preprocess, tokenizer)`` with the model in eval mode on
     ``resolve_device(device)``.
     """
     pretrained = normalize_pretrained(pretrained)
@@ -74,7 +76,8 @@ def load_clip(
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown model {model_name!r}; open_clip knows e.g. ViT-B-32, ViT-L-14, {TINY_MODEL}")
     source = _resolve_weights(model_name, pretrained)
-    quick_gelu = source is not None and (source == "openai" or Path(source).is_file())
+    if quick_gelu is None:
+        quick_gelu = source is not None and (source == "openai" or Path(source).is_file())
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=source, device=target, force_quick_gelu=quick_gelu, cache_dir=cache_dir

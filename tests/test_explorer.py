@@ -33,3 +33,6 @@ def test_explorer_lists_regions_and_images_and_draws(regions, tmp_path):
     assert map_ax.get_xlim()[0] > 100_000  # EPSG:3310 metres, not degrees
     unreadable = explorer.figure(3)
     assert "unreadable" in unreadable.axes[0].texts[0].get_text()
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []  # built outside pyplot

@@ -71,6 +71,17 @@ def test_local_checkpoint_and_env_variable_load_those_weights(tiny_checkpoint, m
     assert weights_identity(random_model) != identity
 
 
+def _activation(model) -> str:
+    return type(model.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_quick_gelu_for_openai_style_files_unless_told_otherwise(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    assert _activation(load_clip(TINY_MODEL, pretrained=None, device="cpu")[0]) == "GELU"
+    assert _activation(load_clip(TINY_MODEL, pretrained=str(path), device="cpu")[0]) == "QuickGELU"
+    assert _activation(load_clip(TINY_MODEL, pretrained=str(path), device="cpu", quick_gelu=False)[0]) == "GELU"
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'ViT-Nope'"):
         load_clip("ViT-Nope", pretrained=None)
