@@ -200,7 +200,8 @@ def quick_summary(predictions: pd.DataFrame) -> pd.Series:
     """Images, top-1 accuracy and distance errors of a predictions table, at a glance."""
     from lageo_utils.geo import acc_at_km
 
-    summary = {"images": len(predictions), "accuracy": predictions["correct"].mean(),
+    summary = {"images": len(predictions), "unreadable_skipped": len(predictions.attrs.get("failures", [])),
+               "accuracy": predictions["correct"].mean(),
                "median_error_km": predictions["error_km"].median()}
     summary.update({f"ACC@{k} km": v for k, v in acc_at_km(predictions["error_km"]).items()})
     return pd.Series(summary, name="value")
