@@ -434,9 +434,11 @@ def comparison_bar(metrics: Mapping[str, Mapping]) -> Figure:
             ax.errorbar(
                 np.asarray(centres)[has_ci],
                 part["value"].to_numpy()[has_ci],
+                # A percentile bootstrap interval may exclude the point estimate (skewed
+                # statistics, few clusters): draw the part on the estimate's side only.
                 yerr=[
-                    (part["value"] - part["ci_low"]).to_numpy()[has_ci],
-                    (part["ci_high"] - part["value"]).to_numpy()[has_ci],
+                    (part["value"] - part["ci_low"]).clip(lower=0).to_numpy()[has_ci],
+                    (part["ci_high"] - part["value"]).clip(lower=0).to_numpy()[has_ci],
                 ],
                 fmt="none",
                 ecolor="#222222",

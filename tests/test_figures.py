@@ -445,6 +445,11 @@ def test_comparison_bar_with_and_without_intervals(regions, tmp_path):
     assert not [c for c in plain.axes[0].collections if isinstance(c, LineCollection)]
     with pytest.raises(ValueError, match="f1_macro"):
         figures.comparison_table({"x": {"accuracy": 0.5}})
+    outside = make_metrics(regions, 0.3, with_ci=True)
+    outside["ci"]["accuracy"] = [0.32, 0.5]  # a percentile interval above its own estimate
+    segments = [seg for c in figures.comparison_bar({"m": outside}).axes[0].collections
+                if isinstance(c, LineCollection) for seg in c.get_segments()]
+    assert any(np.isclose(seg[0][1], 0.3) and np.isclose(seg[1][1], 0.5) for seg in segments)
 
 
 def test_per_region_bars_use_names_and_order(regions, tmp_path):

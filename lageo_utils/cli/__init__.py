@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        logging.getLogger("papermill").setLevel(logging.WARNING)  # one line per notebook is enough
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
