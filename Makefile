@@ -26,7 +26,7 @@ demo: setup
 lab: setup
 	$(BIN)/python -m pip install --quiet -e '.[test,lab]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name lageo --display-name "lageo (.venv)"
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: setup
 	$(BIN)/lageo bench embed --model ViT-B-32 --pretrained none --images 256
