@@ -12,7 +12,16 @@ from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
 
 from lageo_utils.regions import PROJECT_ROOT
-from lageo_utils.runs import STEPS, RunError, mark_latest, new_run_dir, outputs_dir, write_params
+from lageo_utils.runs import (
+    STEPS,
+    RunError,
+    mark_latest,
+    new_run_dir,
+    outputs_dir,
+    read_params,
+    step_done,
+    write_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +73,35 @@ def run_pipeline(params: dict, outputs: Path | None = None, kernel_name: str | N
     """Run every notebook into a new run directory; mark it ``latest`` only if all succeed.
 
     Earlier runs are never touched. On failure the run directory keeps the partial output
-    and a ``FAILED.json`` saying which step failed.
+    and a ``FAILED.json`` saying which step failed; ``resume_pipeline`` continues it.
     """
     run_dir = new_run_dir(outputs or outputs_dir())
     write_params(run_dir, params)
+    return _run_steps(run_dir, params, kernel_name)
+
+
+def resume_pipeline(run_dir: Path, kernel_name: str | None = None) -> Path:
+    """Continue an interrupted or failed run with its own parameters: finished steps are skipped,
+    a step that stopped part-way continues (training resumes from ``checkpoints/last.pt``)."""
+    if step_done(run_dir, STEPS[-1]):
+        raise RunError(f"{run_dir} is complete; start a new run instead")
+    (run_dir / "FAILED.json").unlink(missing_ok=True)
+    return _run_steps(run_dir, read_params(run_dir), kernel_name)
+
+
+def _run_steps(run_dir: Path, params: dict, kernel_name: str | None) -> Path:
     log.info("run directory: %s", run_dir)
     for step in STEPS:
+        if step_done(run_dir, step):
+            log.info("%s: already done", step)
+            continue
         log.info("running %s", step)
         try:
             run_step(step, run_dir, params, kernel_name=kernel_name)
         except StepFailed as exc:
             (run_dir / "FAILED.json").write_text(json.dumps({"step": step, "error": str(exc)}, indent=2))
             raise
-    render_report(run_dir / "notebooks" / "05_report.ipynb", run_dir / "report.html")
+        if step == STEPS[-1]:
+            render_report(run_dir / "notebooks" / f"{step}.ipynb", run_dir / "report.html")
     mark_latest(run_dir)
     return run_dir

@@ -179,8 +179,8 @@ def start_step(step: str, run_dir: str | os.PathLike | None) -> Path:
     """The run directory a notebook step should read from and write to.
 
     Checks the step's inputs exist (an error names each missing file and the notebook that
-    makes it). If this step already ran there, forks a new run with the parent's inputs so the
-    finished run is never modified.
+    makes it). If this step already finished there, forks a new run with the parent's inputs so
+    the finished run is never modified; a step that stopped part-way continues in place.
     """
     if step not in STEP_INPUTS:
         raise RunError(f"unknown step {step!r}; steps: {STEPS}")
@@ -190,9 +190,12 @@ def start_step(step: str, run_dir: str | os.PathLike | None) -> Path:
         makers = {f: next((s for s, outs in STEP_OUTPUTS.items() if f in outs), "lageo run") for f in missing}
         listing = ", ".join(f"{f} (made by {m})" for f, m in makers.items())
         raise RunError(f"{run} lacks the inputs of {step}: {listing}")
-    if any((run / f).exists() for f in STEP_OUTPUTS[step]):
-        return fork_run(run, step)
-    return run
+    return fork_run(run, step) if step_done(run, step) else run
+
+
+def step_done(run: Path, step: str) -> bool:
+    """Whether every output of ``step`` exists in ``run``."""
+    return all((run / f).exists() for f in STEP_OUTPUTS[step])
 
 
 def fork_run(parent: Path, step: str) -> Path:

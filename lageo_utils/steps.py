@@ -18,7 +18,6 @@ import pandas as pd
 from lageo_utils.data import read_manifest, read_table, write_manifest
 from lageo_utils.regions import load_regions
 from lageo_utils.runs import (
-    STEP_OUTPUTS,
     fork_run,
     new_run_dir,
     outputs_dir,
@@ -27,6 +26,7 @@ from lageo_utils.runs import (
     resolve_params,
     sha256_file,
     start_step,
+    step_done,
     update_params,
     write_params,
 )
@@ -49,7 +49,7 @@ def open_step(step: str, run_dir: str | os.PathLike | None, profile: str = "demo
             write_params(run, params)
             return run, params
         run = project_path(run_dir)
-        if any((run / f).exists() for f in STEP_OUTPUTS[step]):
+        if step_done(run, step):
             run = fork_run(run, step)
     else:
         run = start_step(step, run_dir)
@@ -222,9 +222,10 @@ def finetune(run: Path, params: dict) -> dict:
     config = TrainConfig(strategy=params["strategy"], model_name=params["model"], pretrained=params["pretrained"],
                          epochs=int(params["epochs"]), lr=params.get("lr"), batch_size=int(params["batch_size"]),
                          seed=int(params["seed"]))
-    result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), run / "checkpoints",
+    checkpoints = run / "checkpoints"
+    result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), checkpoints,
                    config, device=params.get("device", "auto"), cache_dir=embedding_cache_dir(),
-                   clip=load_model(params))
+                   resume=(checkpoints / "last.pt").exists(), clip=load_model(params))
     for name in ("history.csv", "train_summary.json"):
         shutil.copy2(result.out_dir / name, run / name)
     predictor = load_finetuned(result.best_checkpoint, regions, device=params.get("device", "auto"))
@@ -244,8 +245,12 @@ def load_predictions(run: Path) -> dict[str, pd.DataFrame]:
     return {name: pd.read_parquet(run / f"predictions_{name}.parquet") for name in MODEL_NAMES}
 
 
-def evaluate(run: Path, params: dict) -> dict:
-    """Metrics with bootstrap CIs for both models; writes ``metrics.json`` and the classification reports."""
+def evaluate(run: Path, params: dict) -> tuple[dict, dict]:
+    """Metrics with bootstrap CIs, classification reports and figures for both models.
+
+    ``metrics.json`` is written last, so its presence means the step finished.
+    Returns the metrics document and the figures by name.
+    """
     from lageo_utils.metrics import classification_report_text, metrics_json
 
     regions = regions_of(params)
@@ -254,23 +259,23 @@ def evaluate(run: Path, params: dict) -> dict:
     doc = metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, params,
                        {k: counts[k] for k in SPLIT_NAMES}, n_boot=int(params.get("n_boot") or 1000),
                        seed=int(params["seed"]))
-    (run / "metrics.json").write_text(json.dumps(doc, indent=2))
     for name, preds in predictions.items():
         (run / f"classification_report_{name}.txt").write_text(classification_report_text(preds, regions))
-    return doc
+    figures = evaluation_figures(run, params, doc, predictions)
+    (run / "metrics.json").write_text(json.dumps(doc, indent=2))
+    return doc, figures
 
 
-def evaluation_figures(run: Path, params: dict) -> dict:
+def evaluation_figures(run: Path, params: dict, metrics: dict, predictions: dict[str, pd.DataFrame]) -> dict:
     """Step 04's figures for both models: comparison, per-region F1, confusion, maps, calibration, examples."""
     from lageo_utils import figures, maps
     from lageo_utils.metrics import confusion, reliability_table
 
     regions = regions_of(params)
-    metrics = json.loads((run / "metrics.json").read_text())
     labelled = {MODEL_NAMES[k]: metrics[k] for k in MODEL_NAMES}
     made = {"04_comparison": figures.comparison_bar(labelled),
             "04_per_region_f1": figures.per_region_bars(labelled, regions)}
-    for name, preds in load_predictions(run).items():
+    for name, preds in predictions.items():
         label = MODEL_NAMES[name]
         made[f"04_confusion_{name}"] = figures.confusion_matrix_figure(confusion(preds, regions), f"{label}: confusion")
         made[f"04_error_map_{name}"] = maps.error_map(preds, regions, seed=int(params["seed"]))

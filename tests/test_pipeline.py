@@ -122,6 +122,22 @@ def test_failing_notebook_stops_and_leaves_earlier_runs_intact(demo_run, env):
     assert len(failed) == 1 and json.loads((failed[0] / "FAILED.json").read_text())["step"] == "03_finetune"
 
 
+def test_failed_run_resumes_with_finished_steps_kept(demo_run, env):
+    from lageo_utils.runs import read_params, update_params
+
+    outputs = Path(env["LAGEO_OUTPUTS"])
+    failed = next(p for p in (outputs / "runs").iterdir() if (p / "FAILED.json").exists())
+    kept = {name: (failed / name).read_bytes() for name in ("train.csv", "test.csv", "predictions_zeroshot.parquet")}
+    update_params(failed, {**read_params(failed), "strategy": "linear_probe"})  # the user fixes the cause
+    result = lageo("run", "--resume", str(failed), env=env)
+    assert "02_zero_shot: already done" in result.stderr and "running 03_finetune" in result.stderr
+    assert {name: (failed / name).read_bytes() for name in kept} == kept
+    assert (failed / "report.html").exists() and not (failed / "FAILED.json").exists()
+    assert (outputs / "latest").resolve() == failed.resolve()
+    again = lageo("run", "--resume", str(failed), env=env, check=False)
+    assert again.returncode != 0 and "is complete" in again.stderr
+
+
 def test_missing_inputs_fail_at_the_first_cell(env, tmp_path):
     import papermill
     from papermill.exceptions import PapermillExecutionError

@@ -61,14 +61,15 @@ def test_latest_and_forking_never_modify_a_finished_run(outputs):
     write_params(run, {"epochs": 8})
     for name in ("data.json", "train.csv", "val.csv", "test.csv", "manifest.csv", "audit.json"):
         (run / name).write_text(name)
-    (run / "history.csv").write_text("old history")
+    for name in ("history.csv", "train_summary.json", "predictions_finetuned.parquet"):
+        (run / name).write_text(name)
     (run / "figures").mkdir()
     (run / "figures" / "01_regions_map.png").write_bytes(b"png")
     mark_latest(run)
     assert resolve_run_dir(None) == run.resolve()
 
     child = start_step("03_finetune", None)  # 03 already ran here: fork
-    assert child != run and (run / "history.csv").read_text() == "old history"
+    assert child != run and (run / "history.csv").read_text() == "history.csv"
     assert (child / "train.csv").read_text() == "train.csv" and not (child / "history.csv").exists()
     assert (child / "figures" / "01_regions_map.png").exists()
     doc = yaml.safe_load((child / "params.yaml").read_text())
@@ -79,6 +80,8 @@ def test_latest_and_forking_never_modify_a_finished_run(outputs):
     for name in ("data.json", "train.csv", "val.csv", "test.csv"):
         (fresh / name).write_text("x")
     assert start_step("03_finetune", fresh) == fresh  # nothing to protect: same run
+    (fresh / "history.csv").write_text("stopped part-way")
+    assert start_step("03_finetune", fresh) == fresh  # an unfinished step continues in place
 
 
 def test_resolve_run_dir_errors(outputs):

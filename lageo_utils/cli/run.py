@@ -14,6 +14,8 @@ def register(subparsers) -> None:
     run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override one parameter (value parsed as YAML: 8, 1e-4, true, none)")
     run.add_argument("--outputs", default=None, help="outputs folder (default: ./outputs or $LAGEO_OUTPUTS)")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue an interrupted or failed run with its own parameters (finished steps are kept)")
     run.set_defaults(func=_run)
 
     report = subparsers.add_parser("report", help="execute notebook 05 on a run and render its report.html")
@@ -41,12 +43,17 @@ def parse_overrides(pairs: list[list[str]]) -> dict:
 def _run(args) -> int:
     from pathlib import Path
 
-    from lageo_utils.pipeline import run_pipeline
-    from lageo_utils.runs import RunError, resolve_params
+    from lageo_utils.pipeline import resume_pipeline, run_pipeline
+    from lageo_utils.runs import RunError, resolve_params, resolve_run_dir
 
     try:
-        params = resolve_params(args.profile, args.config, parse_overrides(args.param))
-        run_dir = run_pipeline(params, Path(args.outputs) if args.outputs else None)
+        if args.resume:
+            if args.param or args.config:
+                raise RunError("--resume continues a run with its own parameters; -p/--config cannot change them")
+            run_dir = resume_pipeline(resolve_run_dir(args.resume))
+        else:
+            params = resolve_params(args.profile, args.config, parse_overrides(args.param))
+            run_dir = run_pipeline(params, Path(args.outputs) if args.outputs else None)
     except RunError as exc:
         raise CommandError(str(exc)) from None
     print(f"run complete: {run_dir}\nreport: {run_dir / 'report.html'}")
