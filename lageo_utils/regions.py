@@ -15,7 +15,6 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
-import pandas as pd
 from pyproj import Geod
 from shapely.geometry import box
 
@@ -85,10 +84,16 @@ def regions_from_boxes(records: list[dict], source: str = "<memory>") -> gpd.Geo
 
 
 def find_overlaps(regions: gpd.GeoDataFrame) -> list[tuple[str, str]]:
-    """Pairs of region ids whose boxes share interior area (touching edges are allowed)."""
-    left, right = regions.sindex.query(regions.geometry, predicate="overlaps")
+    """Pairs of region ids whose boxes share interior area (touching edges are allowed).
+
+    ``intersects`` plus an area test, because shapely's ``overlaps`` is false when one box
+    contains or equals another.
+    """
+    left, right = regions.sindex.query(regions.geometry, predicate="intersects")
     ids = regions["id"].to_numpy()
-    return sorted({(ids[i], ids[j]) for i, j in zip(left, right) if i < j})
+    geoms = regions.geometry.to_numpy()
+    return sorted({(ids[i], ids[j]) for i, j in zip(left, right)
+                   if i < j and geoms[i].intersection(geoms[j]).area > 0})
 
 
 def assign_regions(lat, lon, regions: gpd.GeoDataFrame | None = None) -> np.ndarray:
@@ -112,11 +117,6 @@ def assign_regions(lat, lon, regions: gpd.GeoDataFrame | None = None) -> np.ndar
     hit = inside.any(axis=1)
     out[hit] = ids[inside[hit].argmax(axis=1)]
     return out
-
-
-def region_lookup(regions: gpd.GeoDataFrame) -> pd.DataFrame:
-    """Regions as a plain DataFrame indexed by id (name, centroid, area)."""
-    return pd.DataFrame(regions.drop(columns="geometry")).set_index("id")
 
 
 def regions_summary(regions: gpd.GeoDataFrame) -> dict:

@@ -38,9 +38,10 @@ STEP_OUTPUTS: dict[str, list[str]] = {
     "01_explore_data": ["manifest.csv", "train.csv", "val.csv", "test.csv", "audit.json", "data.json"],
     "02_zero_shot": ["predictions_zeroshot.parquet"],
     "03_finetune": ["history.csv", "train_summary.json", "predictions_finetuned.parquet"],
-    "04_evaluate": ["metrics.json"],
+    "04_evaluate": ["classification_report_zeroshot.txt", "classification_report_finetuned.txt", "metrics.json"],
     "05_report": ["report.html"],
 }
+OPTIONAL_OUTPUTS = {"01_explore_data": ["excluded.csv"]}  # written only when not empty
 STEPS = list(STEP_INPUTS)
 PACKAGES = ["torch", "open_clip_torch", "numpy", "pandas", "scikit-learn", "geopandas", "papermill"]
 
@@ -201,14 +202,17 @@ def step_done(run: Path, step: str) -> bool:
 def fork_run(parent: Path, step: str) -> Path:
     """A new run holding copies of the parent's files made by the steps before ``step``."""
     child = new_run_dir(parent.parent.parent)
-    keep = {"params.yaml"} | {f for s in STEPS[: STEPS.index(step)] for f in STEP_OUTPUTS[s]}
+    earlier = STEPS[: STEPS.index(step)]
+    keep = {f for s in earlier for f in STEP_OUTPUTS[s] + OPTIONAL_OUTPUTS.get(s, [])}
     for name in sorted(keep):
-        src = parent / name
-        if src.exists():
-            shutil.copy2(src, child / name)
-    folders = ["figures"] + (["checkpoints"] if STEPS.index(step) > STEPS.index("03_finetune") else [])
-    for folder in folders:  # figures of the re-run step are simply regenerated
-        if (parent / folder).is_dir():
-            shutil.copytree(parent / folder, child / folder)
+        if (parent / name).exists():
+            shutil.copy2(parent / name, child / name)
+    if "03_finetune" in earlier and (parent / "checkpoints").is_dir():
+        shutil.copytree(parent / "checkpoints", child / "checkpoints")
+    # Figures are named after the step that drew them ("04_confusion_...").
+    for figure in sorted((parent / "figures").glob("*.png")):
+        if any(figure.name.startswith(s[:3]) for s in earlier):
+            (child / "figures").mkdir(exist_ok=True)
+            shutil.copy2(figure, child / "figures" / figure.name)
     write_params(child, read_params(parent), parent=parent)
     return child

@@ -120,7 +120,8 @@ def demo_data_dir(params: dict) -> Path:
     from lageo_utils.demo import build_demo
 
     n, seed, size = params["demo_points_per_region"], params["demo_seed"], params["demo_image_size"]
-    target = outputs_dir() / "data" / f"demo-p{n}-s{seed}-{size}px"
+    regions_hash = sha256_file(project_path(params["regions"]))[:8]  # other regions, other points
+    target = outputs_dir() / "data" / f"demo-p{n}-s{seed}-{size}px-r{regions_hash}"
     if (target / "manifest.csv").exists():
         return target
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
@@ -189,7 +190,8 @@ def zero_shot(run: Path, params: dict) -> pd.DataFrame:
 
     regions = regions_of(params)
     model, preprocess, tokenizer = load_model(params)
-    predictor = GeoPredictor(model, preprocess, tokenizer, regions, device=params.get("device", "auto"))
+    predictor = GeoPredictor(model, preprocess, tokenizer, regions, device=params.get("device", "auto"),
+                             model_name=params["model"])
     predictions = predict_manifest(predictor, load_split(run, "test"), image_root(run), batch_size=params["batch_size"],
                                    top_k=params["top_k"], cache_dir=embedding_cache_dir())
     predictions.to_parquet(run / "predictions_zeroshot.parquet", index=False)
@@ -223,12 +225,13 @@ def finetune(run: Path, params: dict) -> dict:
                          epochs=int(params["epochs"]), lr=params.get("lr"), batch_size=int(params["batch_size"]),
                          seed=int(params["seed"]))
     checkpoints = run / "checkpoints"
+    clip = load_model(params)
     result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), checkpoints,
                    config, device=params.get("device", "auto"), cache_dir=embedding_cache_dir(),
-                   resume=(checkpoints / "last.pt").exists(), clip=load_model(params))
+                   resume=(checkpoints / "last.pt").exists(), clip=clip)
     for name in ("history.csv", "train_summary.json"):
         shutil.copy2(result.out_dir / name, run / name)
-    predictor = load_finetuned(result.best_checkpoint, regions, device=params.get("device", "auto"))
+    predictor = load_finetuned(result.best_checkpoint, regions, device=params.get("device", "auto"), clip=clip)
     predictions = predict_manifest(predictor, load_split(run, "test"), image_root(run),
                                    batch_size=params["batch_size"], top_k=params["top_k"],
                                    cache_dir=embedding_cache_dir())

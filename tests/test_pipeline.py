@@ -75,7 +75,7 @@ def test_metrics_json_keys(demo_run):
 def test_report_has_every_section_and_embedded_figures(demo_run):
     html = (demo_run / "report.html").read_text()
     for section in REPORT_SECTIONS:
-        assert f">{section}<" in html or f">{section}</h2" in html or section in html, section
+        assert f'<h2 id="{section.replace(" ", "-")}">{section}' in html, section
     assert "Demo run — not a geolocation result" in html
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) >= 12
@@ -136,6 +136,18 @@ def test_failed_run_resumes_with_finished_steps_kept(demo_run, env):
     assert (outputs / "latest").resolve() == failed.resolve()
     again = lageo("run", "--resume", str(failed), env=env, check=False)
     assert again.returncode != 0 and "is complete" in again.stderr
+
+
+def test_lageo_report_renders_into_a_new_latest_run(demo_run, env):
+    outputs = Path(env["LAGEO_OUTPUTS"])
+    before = (demo_run / "report.html").read_bytes()
+    result = lageo("report", str(demo_run), env=env)
+    child = Path(re.search(r"report: (\S+)", result.stdout).group(1)).parent
+    assert child != demo_run and (demo_run / "report.html").read_bytes() == before
+    assert (outputs / "latest").resolve() == child.resolve()
+    assert (child / "classification_report_finetuned.txt").exists()
+    assert sorted(p.name for p in (child / "figures").glob("*.png")) == sorted(
+        p.name for p in (demo_run / "figures").glob("*.png"))
 
 
 def test_missing_inputs_fail_at_the_first_cell(env, tmp_path):

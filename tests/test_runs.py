@@ -65,6 +65,7 @@ def test_latest_and_forking_never_modify_a_finished_run(outputs):
         (run / name).write_text(name)
     (run / "figures").mkdir()
     (run / "figures" / "01_regions_map.png").write_bytes(b"png")
+    (run / "figures" / "04_confusion_finetuned.png").write_bytes(b"png")
     mark_latest(run)
     assert resolve_run_dir(None) == run.resolve()
 
@@ -72,6 +73,7 @@ def test_latest_and_forking_never_modify_a_finished_run(outputs):
     assert child != run and (run / "history.csv").read_text() == "history.csv"
     assert (child / "train.csv").read_text() == "train.csv" and not (child / "history.csv").exists()
     assert (child / "figures" / "01_regions_map.png").exists()
+    assert not (child / "figures" / "04_confusion_finetuned.png").exists()  # drawn from models the child lacks
     doc = yaml.safe_load((child / "params.yaml").read_text())
     assert doc["parent_run"] == run.name and read_params(child) == {"epochs": 8}
 

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                      help="continue an interrupted or failed run with its own parameters (finished steps are kept)")
     run.set_defaults(func=_run)
 
-    report = subparsers.add_parser("report", help="execute notebook 05 on a run and render its report.html")
+    report = subparsers.add_parser(
+        "report", help="re-run notebook 05 on a run into a new run (now latest) and render its report.html")
     report.add_argument("run_dir", nargs="?", default=None, help="run directory (default: outputs/latest)")
     report.set_defaults(func=_report)
 
@@ -62,12 +63,13 @@ def _run(args) -> int:
 
 def _report(args) -> int:
     from lageo_utils.pipeline import render_report, run_step
-    from lageo_utils.runs import RunError, read_params, start_step
+    from lageo_utils.runs import RunError, mark_latest, read_params, start_step
 
     try:
-        run_dir = start_step("05_report", args.run_dir)
+        run_dir = start_step("05_report", args.run_dir)  # a finished run is forked, never rewritten
         executed = run_step("05_report", run_dir, read_params(run_dir))
         html = render_report(executed, run_dir / "report.html")
+        mark_latest(run_dir)
     except RunError as exc:
         raise CommandError(str(exc)) from None
     print(f"report: {html}")
