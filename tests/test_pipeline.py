@@ -22,7 +22,7 @@ REDUCED = ["-p", "demo_points_per_region", "3", "-p", "epochs", "2", "-p", "n_bo
 METRIC_KEYS = {"n_images", "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
                "recall_weighted", "f1_weighted", "acc_at_km", "median_error_km", "mean_error_km", "ece", "per_region"}
 REPORT_SECTIONS = ["Model comparison", "Per-region classification report", "Confusion matrices", "Maps",
-                   "Training", "Calibration", "Example predictions", "Data and leakage audit", "Run"]
+                   "Training", "Calibration", "Example predictions (top-3)", "Data and leakage audit", "Run"]
 
 
 def lageo(*args, env, check=True):
