@@ -773,11 +773,11 @@ class FineTunedPredictor(GeoPredictor):
                  templates: list[str] | None = None, device="auto", model_name: str | None = None):
         if model.visual is not classifier.visual:
             raise ValueError("the model's image encoder must be the classifier's")
+        index = torch.as_tensor(columns, dtype=torch.long)
         super().__init__(model, preprocess, tokenizer, regions, templates=templates, device=device,
-                         model_name=model_name)
+                         model_name=model_name, text_features=classifier.class_embeddings.detach()[index])
         self.classifier = classifier.to(self.device).eval()
-        self.columns = torch.as_tensor(columns, dtype=torch.long, device=self.device)
-        self.text_features = self.classifier.class_embeddings[self.columns]
+        self.columns = index.to(self.device)
 
     def logits(self, image_features) -> torch.Tensor:
         """Region logits (n x n_regions) for image embeddings of the fine-tuned encoder."""

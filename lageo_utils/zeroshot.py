@@ -67,7 +67,8 @@ class GeoPredictor:
     """
 
     def __init__(self, model, preprocess, tokenizer, regions: gpd.GeoDataFrame, templates: list[str] | None = None,
-                 device="auto", scale: str = "learned", model_name: str | None = None):
+                 device="auto", scale: str = "learned", model_name: str | None = None,
+                 text_features: torch.Tensor | None = None):
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         self.device = resolve_device(device)
@@ -80,7 +81,9 @@ class GeoPredictor:
         self.templates = list(templates or [DEFAULT_TEMPLATE])
         self.scale = scale
         self.model_name = model_name
-        self.text_features = encode_region_texts(model, tokenizer, self.regions, self.templates, self.device)
+        # Callers with class embeddings of their own (a fine-tuned head) skip encoding the prompts.
+        self.text_features = (text_features.to(self.device) if text_features is not None
+                              else encode_region_texts(model, tokenizer, self.regions, self.templates, self.device))
 
     def logits(self, image_features) -> torch.Tensor:
         """Region logits (n x n_regions) for image embeddings (normalised here if they are not)."""
@@ -194,7 +197,9 @@ def load_predictor(model_name: str, pretrained, regions: gpd.GeoDataFrame, check
     """A ready predictor: zero-shot CLIP, or the fine-tuned model in ``checkpoint`` (model name and weights then come
     from the checkpoint's own config)."""
     if checkpoint is not None:
-        from lageo_utils.finetune import load_finetuned  # written separately; imported only when needed
+        if templates is not None or scale != "learned":
+            raise ValueError("templates and scale come from the checkpoint's own config; do not pass them with it")
+        from lageo_utils.finetune import load_finetuned  # imports the training stack only when needed
 
         return load_finetuned(checkpoint, regions, device)
     model, preprocess, tokenizer = load_clip(model_name, pretrained, device=device)

@@ -204,6 +204,8 @@ def test_load_predictor_zero_shot(regions):
     predictor = load_predictor(TINY_MODEL, "none", regions, device="cpu", templates=ENSEMBLE)
     assert isinstance(predictor, GeoPredictor)
     assert predictor.region_ids == regions["id"].tolist() and predictor.templates == ENSEMBLE
+    with pytest.raises(ValueError, match="come from the checkpoint"):  # never silently ignored
+        load_predictor(TINY_MODEL, "none", regions, checkpoint="best.pt", templates=ENSEMBLE)
 
 
 def _cli(capsys, *args) -> tuple[int, object, str]:
