@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lageo_utils.files import atomic_write
 
 CHECKPOINT_FORMAT = 1
 
@@ -22,22 +23,15 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike, *, also: str | os.PathLike | None = None) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, then rename); optionally copy it to ``also`` first.
+    """Write ``state`` to ``path`` atomically; optionally to ``also`` (e.g. ``best.pt``) first.
 
-    The copy (e.g. ``best.pt``) is renamed into place before ``path`` (e.g. ``last.pt``): a run
-    killed in between resumes from the previous ``last.pt`` and redoes the epoch.
+    ``also`` is renamed into place before ``path`` (e.g. ``last.pt``): a run killed in between
+    resumes from the previous ``last.pt`` and redoes the epoch.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**state, "format": CHECKPOINT_FORMAT}, tmp)
+    state = {**state, "format": CHECKPOINT_FORMAT}
     if also is not None:
-        also = Path(also)
-        also_tmp = also.with_name(also.name + ".tmp")
-        shutil.copyfile(tmp, also_tmp)
-        os.replace(also_tmp, also)
-    os.replace(tmp, path)
-    return path
+        atomic_write(also, lambda tmp: torch.save(state, tmp))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

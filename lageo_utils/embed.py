@@ -13,9 +13,6 @@ import logging
 import math
 import os
 import re
-import resource
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +23,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, open_rgb
-from lageo_utils.model import autocast, load_clip, resolve_device, weights_identity
+from lageo_utils.files import atomic_write
+from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
+from lageo_utils.model import autocast, resolve_device, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +42,6 @@ class EmbeddingResult:
     image_paths: list[str]  # the input paths of those rows
     rows: np.ndarray  # their positions in the input (manifest row positions)
     failures: pd.DataFrame  # image_path, reason
-
-
-def default_num_workers() -> int:
-    """Loader worker processes when none are asked for: one per core, at most 4."""
-    return min(4, os.cpu_count() or 1)
 
 
 def embed_manifest(
@@ -140,7 +133,7 @@ def _hash_files(files: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
 
 def _compute(model, preprocess, files: list[Path], batch_size: int, num_workers: int | None, device: torch.device):
     """Run files through the loader and the model: ``((positions, vectors), {position: reason})``."""
-    workers = min(default_num_workers() if num_workers is None else num_workers, math.ceil(len(files) / batch_size))
+    workers = min(default_num_workers(num_workers), math.ceil(len(files) / batch_size))
     loader = DataLoader(
         ImageDataset([str(f) for f in files], preprocess),
         # Each worker prepares a share of a forward batch, so the first batch is ready `workers` times sooner.
@@ -214,7 +207,7 @@ class EmbeddingCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         meta_path = directory / META_FILE
         if not meta_path.exists():
-            _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+            atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
     @classmethod
     def for_model(cls, cache_dir, model, preprocess, device: torch.device, model_name: str | None):
@@ -247,10 +240,10 @@ class EmbeddingCache:
     def add(self, digests: list[str], vectors: np.ndarray) -> None:
         """Store new embeddings as one shard and add them to the index."""
         shard = f"shard-{hashlib.sha256(''.join(digests).encode()).hexdigest()[:16]}.npy"
-        _atomic_write(self.directory / shard, lambda tmp: np.save(tmp, vectors.astype(np.float32, copy=False)))
+        atomic_write(self.directory / shard, lambda tmp: np.save(tmp, vectors.astype(np.float32, copy=False)))
         added = pd.DataFrame({"digest": digests, "shard": shard, "row": np.arange(len(digests))})
         index = pd.concat([self._index(), added], ignore_index=True).drop_duplicates("digest", keep="last")
-        _atomic_write(self.directory / INDEX_FILE, lambda tmp: index.to_parquet(tmp, index=False))
+        atomic_write(self.directory / INDEX_FILE, lambda tmp: index.to_parquet(tmp, index=False))
 
     def _index(self) -> pd.DataFrame:
         path = self.directory / INDEX_FILE
@@ -260,109 +253,7 @@ class EmbeddingCache:
         return pd.read_parquet(path)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _precision(device: torch.device) -> str:
     if device.type != "cuda":
         return f"{device.type}-float32"
     return "cuda-autocast-bfloat16" if torch.cuda.is_bf16_supported() else "cuda-autocast-float16"
-
-
-def benchmark_embed(
-    model_name: str = "ViT-B-32",
-    pretrained: str | None = None,
-    images: int = 256,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    device: str = "auto",
-) -> dict:
-    """Images/s of the bare model, of files through loader and model, and of a cached re-run.
-
-    Writes ``images`` synthetic 640 x 640 JPEGs (street-view-like file sizes) to a temporary
-    folder; the raw figure is the forward pass alone on already-preprocessed tensors (one batch
-    of them, reused until ``images`` were processed), normalised and copied back like the pipeline's.
-    """
-    target = resolve_device(device)
-    model, preprocess, _ = load_clip(model_name, pretrained, device=target)
-    workers = default_num_workers() if num_workers is None else num_workers
-    with tempfile.TemporaryDirectory(prefix="lageo-bench-") as tmp:
-        paths = write_test_jpegs(Path(tmp) / "images", images)
-        batch = torch.stack([preprocess(open_rgb(p)) for p in paths[:batch_size]]).to(target)
-        # The raw figure is timed in two halves (whole batches, as the pipeline runs them), before and
-        # after the pipeline, so that a change in the load of a shared machine biases neither figure.
-        raw_first = min(images, math.ceil(images / batch_size) // 2 * batch_size)
-        raw_s = _time_raw_forward(model, batch, raw_first, target)
-        run = dict(cache_dir=Path(tmp) / "cache", batch_size=batch_size, num_workers=workers, model_name=model_name)
-        start = time.perf_counter()
-        first = embed_paths(model, preprocess, paths, **run)
-        pipeline_s = time.perf_counter() - start
-        raw_s += _time_raw_forward(model, batch, images - raw_first, target)
-        start = time.perf_counter()
-        second = embed_paths(model, preprocess, paths, **run)
-        cached_s = time.perf_counter() - start
-    if not np.array_equal(first.embeddings, second.embeddings) or len(first.failures):
-        raise RuntimeError("benchmark check failed: cached embeddings differ from computed ones, or images failed")
-    return {
-        "model": model_name,
-        "device": str(target),
-        "images": images,
-        "raw_model_img_s": round(images / raw_s, 2),
-        "pipeline_img_s": round(images / pipeline_s, 2),
-        "pipeline_vs_raw": round(raw_s / pipeline_s, 3),
-        "cached_img_s": round(images / cached_s, 1),
-        "cache_speedup": round(pipeline_s / cached_s, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-        "batch_size": batch_size,
-        "num_workers": workers,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),  # this run included: above ~2-3 means other work shared the 2 cores
-    }
-
-
-def write_test_jpegs(folder: Path, count: int, size: int = 640, seed: int = 0) -> list[str]:
-    """Synthetic JPEGs: smooth random colour fields plus grain, about the size of Street View images."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        coarse = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
-        grain = rng.normal(0.0, 6.0, (size, size, 3))
-        pixels = np.clip(np.asarray(coarse, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
-        path = folder / f"bench_{i:05d}.jpg"
-        Image.fromarray(pixels).save(path, quality=85)
-        paths.append(str(path))
-    return paths
-
-
-def _time_raw_forward(model, batch: torch.Tensor, images: int, device: torch.device) -> float:
-    """Seconds for the model alone to embed ``images`` preprocessed images, in batches like ``batch``."""
-    model.eval()
-    with torch.inference_mode(), autocast(device):
-        model.encode_image(batch[:2])  # warm-up: first-call allocations are not throughput
-        _synchronize(device)
-        start = time.perf_counter()
-        done = 0
-        while done < images:
-            chunk = batch[: min(len(batch), images - done)]
-            F.normalize(model.encode_image(chunk).float(), dim=-1).cpu()
-            done += len(chunk)
-        _synchronize(device)
-    return time.perf_counter() - start
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

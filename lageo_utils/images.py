@@ -98,6 +98,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, I, I;16, F, CMYK, YCbCr, LAB, HSV, P without transparency
 
 
+def default_num_workers(requested: int | None = None) -> int:
+    """Image loader worker processes: ``requested``, or one per core, at most 4 (the one policy of every loader)."""
+    return requested if requested is not None else min(4, os.cpu_count() or 1)
+
+
 class ImageDataset(Dataset):
     """Images by path for a DataLoader: ``(tensor, index, None)``, or ``(None, index, reason)`` when unreadable.
 

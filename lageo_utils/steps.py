@@ -186,7 +186,7 @@ def load_model(params: dict):
 
 def zero_shot(run: Path, params: dict) -> pd.DataFrame:
     """Zero-shot predictions on the test split; writes ``predictions_zeroshot.parquet``."""
-    from lageo_utils.zeroshot import GeoPredictor, predict_manifest
+    from lageo_utils.predict import GeoPredictor, predict_manifest
 
     regions = regions_of(params)
     model, preprocess, tokenizer = load_model(params)
@@ -217,8 +217,8 @@ def finetune(run: Path, params: dict) -> dict:
     Writes ``checkpoints/``, ``history.csv``, ``train_summary.json`` and
     ``predictions_finetuned.parquet``; returns the training summary.
     """
-    from lageo_utils.finetune import TrainConfig, load_finetuned, train
-    from lageo_utils.zeroshot import predict_manifest
+    from lageo_utils.predict import load_finetuned, predict_manifest
+    from lageo_utils.training import TrainConfig, train
 
     regions = regions_of(params)
     config = TrainConfig(strategy=params["strategy"], model_name=params["model"], pretrained=params["pretrained"],

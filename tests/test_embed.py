@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lageo_utils.embed import benchmark_embed, embed_manifest, embed_paths
+from lageo_utils.bench import benchmark_embed
+from lageo_utils.embed import embed_manifest, embed_paths
 from lageo_utils.images import open_rgb
 from lageo_utils.model import TINY_MODEL, load_clip
 

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from lageo_utils.checkpoints import CheckpointError, load_checkpoint
-from lageo_utils.finetune import HISTORY_COLUMNS, RegionClassifier, TrainConfig, load_finetuned, train
+from lageo_utils.predict import RegionClassifier, load_finetuned
+from lageo_utils.training import HISTORY_COLUMNS, TrainConfig, train
 
 N_TRAIN, N_VAL = 16, 6  # images per region
 EPOCHS = 3
@@ -150,7 +151,8 @@ def test_same_seed_same_history_and_another_seed_differs(data, tmp_path):
 def test_head_starts_at_the_zero_shot_logits(data, reference):
     from lageo_utils.embed import embed_manifest
     from lageo_utils.model import load_clip
-    from lageo_utils.zeroshot import GeoPredictor, encode_region_texts
+    from lageo_utils.predict import GeoPredictor
+    from lageo_utils.prompts import encode_region_texts
 
     model, preprocess, tokenizer = load_clip("lageo-tiny", pretrained=None, device="cpu")
     class_embeddings = encode_region_texts(model, tokenizer, data.regions, device="cpu")
@@ -178,7 +180,7 @@ def test_head_starts_at_the_zero_shot_logits(data, reference):
 def test_zeroshot_checkpoint_predicts_exactly_like_zero_shot_clip(data, reference):
     from lageo_utils.checkpoints import seed_everything
     from lageo_utils.model import load_clip
-    from lageo_utils.zeroshot import GeoPredictor
+    from lageo_utils.predict import GeoPredictor
 
     seed_everything(tiny_config("zeroshot").seed)  # the random base model the run started from
     model, preprocess, tokenizer = load_clip("lageo-tiny", pretrained=None, device="cpu")
@@ -250,8 +252,8 @@ def test_unreadable_training_images_are_skipped_and_reported(data, tmp_path):
     [
         ({"strategy": "lora"}, "unknown strategy 'lora'"),
         ({"epochs": 0}, "epochs must be an integer >= 1"),
-        ({"lr": 0.0}, "learning rate must be > 0"),
-        ({"lr": -1e-4}, "learning rate must be > 0"),
+        ({"lr": 0.0}, "lr must be a number > 0"),
+        ({"lr": -1e-4}, "lr must be a number > 0"),
         ({"batch_size": 0}, "batch_size must be"),
         ({"unfreeze_blocks": 0}, "unfreeze_blocks must be"),
     ],
@@ -321,14 +323,14 @@ def test_checkpoint_of_a_reloadable_base_holds_only_what_was_trained(data, local
 
 
 def predict_val(predictor, data) -> pd.DataFrame:
-    from lageo_utils.zeroshot import predict_manifest
+    from lageo_utils.predict import predict_manifest
 
     return predict_manifest(predictor, data.val, data.images, top_k=3)
 
 
 @pytest.mark.parametrize("strategy", ["linear_probe", "contrastive"])
 def test_finetuned_checkpoint_predicts_like_its_validation(data, reference, strategy):
-    from lageo_utils.zeroshot import load_predictor
+    from lageo_utils.predict import load_predictor
 
     result = reference(strategy)
     predictor = load_finetuned(result.best_checkpoint, data.regions, "cpu")
@@ -378,7 +380,7 @@ def test_cli_trains_resumes_and_writes_its_files(data, tmp_path, capsys):
     [
         (["--strategy", "lora"], "unknown strategy"),
         (["--epochs", "0"], "epochs must be"),
-        (["--lr", "0"], "learning rate must be > 0"),
+        (["--lr", "0"], "lr must be a number > 0"),
         (["--resume"], "nothing to resume"),
         (["--regions", "missing.geojson"], "region file not found"),
     ],

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 
 def _embed(args) -> int:
-    from lageo_utils.embed import benchmark_embed
+    from lageo_utils.bench import benchmark_embed
 
     print_json(benchmark_embed(model_name=args.model, pretrained=args.pretrained, images=args.images,
                                batch_size=args.batch_size, num_workers=args.num_workers, device=args.device))
@@ -35,7 +35,7 @@ def _embed(args) -> int:
 
 
 def _train(args) -> int:
-    from lageo_utils.finetune import benchmark_train
+    from lageo_utils.bench import benchmark_train
 
     print_json(benchmark_train(model_name=args.model, pretrained=args.pretrained, strategy=args.strategy,
                                images=args.images, batch_size=args.batch_size, device=args.device))

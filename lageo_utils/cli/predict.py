@@ -21,8 +21,8 @@ def register(subparsers) -> None:
 def _predict(args) -> int:
     from lageo_utils.images import ImageReadError
     from lageo_utils.model import WeightsUnavailableError
+    from lageo_utils.predict import load_predictor
     from lageo_utils.regions import RegionsError, load_regions
-    from lageo_utils.zeroshot import load_predictor
 
     if args.top_k < 1:
         raise CommandError(f"--top-k must be at least 1, got {args.top_k}")

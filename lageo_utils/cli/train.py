@@ -41,9 +41,9 @@ def register(subparsers) -> None:
 def _train(args) -> int:
     from lageo_utils.checkpoints import CheckpointError
     from lageo_utils.data import ManifestError
-    from lageo_utils.finetune import TrainConfig, train
     from lageo_utils.model import WeightsUnavailableError
     from lageo_utils.regions import RegionsError, load_regions
+    from lageo_utils.training import TrainConfig, train
 
     splits = Path(args.splits)
     manifests = {name: splits / f"{name}.csv" for name in ("train", "val")}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import requests
 
 from lageo_utils import __version__
+from lageo_utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -259,22 +259,16 @@ class ApiClient:
 
 
 def write_atomically(chunks, dest: Path, check_file: Callable[[Path], None] | None = None) -> int:
-    """Write chunks to ``dest.part``, check and fsync it, then rename it to ``dest``; returns the size.
+    """Write chunks to a temporary file, check it, then rename it to ``dest``; returns the size.
 
-    A failure (or a kill) leaves at most the ``.part`` file, never a partial ``dest``.
+    A failure (or a kill) never leaves a partial ``dest``.
     """
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with open(part, "wb") as fh:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
         if check_file is not None:
-            check_file(part)
-        size = part.stat().st_size
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
-    return size
+            check_file(tmp)
+
+    return atomic_write(dest, write).stat().st_size

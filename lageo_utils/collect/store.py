@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from lageo_utils.collect.http import CollectError, Retryable
+from lageo_utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,13 @@ class CsvLog:
     def rewrite(self, rows: list[dict[str, str]]) -> None:
         """Replace the whole table atomically (temp file, then rename)."""
         self.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.path, write)
         self.rows = list(rows)
 
     def close(self) -> None:

@@ -1,9 +1,17 @@
-"""Zero-shot geolocation: region text prompts, CLIP similarities, and the predictions table."""
+"""Inference: one predictor for zero-shot and fine-tuned models, and the predictions table.
+
+An image goes image encoder -> L2-normalised embedding -> ``RegionClassifier`` -> region
+probabilities. Zero-shot CLIP is the classifier whose class weights are the region prompts'
+text embeddings; a training checkpoint brings its own encoder weights and head. Nothing here
+imports the training code: training imports this module, never the reverse.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -11,64 +19,76 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
+from lageo_utils.checkpoints import CheckpointError, load_checkpoint
+from lageo_utils.embed import embed_manifest
 from lageo_utils.geo import haversine_km
 from lageo_utils.images import open_rgb, to_rgb
-from lageo_utils.model import autocast, load_clip, resolve_device
+from lageo_utils.model import autocast, load_clip, resolve_device, weights_identity
+from lageo_utils.prompts import encode_region_texts
 from lageo_utils.regions import assign_regions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "A street view photo from {name}, {description}"
 SCALES = ("learned", "none")
-TEXT_BATCH = 256  # prompts per text-encoder forward pass
 
 
-def region_prompts(regions: gpd.GeoDataFrame, templates: list[str] | None = None) -> list[list[str]]:
-    """For each region (in class order), its prompts: one per template, filled with name, description and id."""
-    templates = list(templates or [DEFAULT_TEMPLATE])
-    prompts = []
-    for region in regions.itertuples():
-        fields = {"name": region.name, "description": region.description, "id": region.id}
-        try:
-            prompts.append([template.format(**fields) for template in templates])
-        except (KeyError, IndexError) as exc:
-            raise ValueError(f"prompt template uses an unknown field {exc}; available: name, description, id") from None
-    return prompts
+class RegionClassifier(nn.Module):
+    """Image encoder + region logits over L2-normalised embeddings.
 
-
-def encode_region_texts(model, tokenizer, regions: gpd.GeoDataFrame, templates: list[str] | None = None,
-                        device=None) -> torch.Tensor:
-    """Region text embeddings (n_regions x dim, L2-normalised, float32).
-
-    With several templates (a prompt ensemble) each prompt is embedded and normalised, the
-    embeddings of a region are averaged and the mean renormalised, as open_clip's
-    ``build_zero_shot_classifier`` does (a test checks the two agree).
+    With a head: a linear layer initialised to ``logit_scale * class_embeddings`` with zero bias.
+    Without (zero-shot CLIP, ``contrastive``): ``logit_scale * cosine`` against the fixed
+    ``class_embeddings``. Both start at the zero-shot logits.
     """
-    device = resolve_device(device) if device is not None else next(model.parameters()).device
-    prompts = region_prompts(regions, templates)
-    flat = [text for group in prompts for text in group]
-    parts = []
-    with torch.no_grad(), autocast(device):  # no_grad, not inference_mode: callers may fine-tune against these
-        for start in range(0, len(flat), TEXT_BATCH):
-            tokens = tokenizer(flat[start : start + TEXT_BATCH]).to(device)
-            parts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    per_prompt = torch.cat(parts).reshape(len(prompts), len(prompts[0]), -1)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+    def __init__(self, visual: nn.Module, class_embeddings: torch.Tensor, logit_scale: float, head: bool = True):
+        super().__init__()
+        self.visual = visual
+        self.logit_scale = float(logit_scale)
+        self.register_buffer("class_embeddings", class_embeddings.detach().float().clone())
+        self.head: nn.Linear | None = None
+        if head:
+            n_classes, dim = class_embeddings.shape
+            self.head = nn.Linear(dim, n_classes).to(class_embeddings.device)
+            with torch.no_grad():
+                self.head.weight.copy_(self.class_embeddings * self.logit_scale)
+                self.head.bias.zero_()
+
+    def classify(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Region logits for image embeddings (normalised here)."""
+        x = F.normalize(embeddings.float(), dim=-1)
+        if self.head is not None:
+            return self.head(x)
+        return self.logit_scale * x @ self.class_embeddings.T
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.visual(images))
+
+
+def load_classifier_state(classifier: RegionClassifier, state: dict, complete: bool) -> None:
+    """Load checkpoint weights; unless ``complete``, frozen encoder weights may be absent (they are the base's)."""
+    missing, unexpected = classifier.load_state_dict(state, strict=False)
+    missing = [k for k in missing if complete or not k.startswith("visual.")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint weights do not fit the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
 
 
 class GeoPredictor:
-    """Zero-shot region classifier: an image's region probabilities from CLIP similarities.
+    """Region probabilities for images, zero-shot or from a fine-tuned ``RegionClassifier``.
 
-    ``scale="learned"`` (default) multiplies cosine similarities by the model's learned
-    temperature ``exp(logit_scale)`` (100 for OpenAI CLIP) before the softmax, as CLIP was
-    trained. The seed code applied the softmax to unscaled cosines, which squeezes every
-    probability towards 1 / n_regions; ``scale="none"`` reproduces that.
+    Without ``classifier`` this is zero-shot CLIP: cosine similarities to the region prompts'
+    text embeddings, multiplied (``scale="learned"``, default) by the model's learned temperature
+    ``exp(logit_scale)`` (100 for OpenAI CLIP) before the softmax, as CLIP was trained. The seed
+    code applied the softmax to unscaled cosines, which squeezes every probability towards
+    1 / n_regions; ``scale="none"`` reproduces that. With ``classifier`` (trained on the regions
+    ``class_ids``), ``regions`` may be any subset or order of those.
     """
 
     def __init__(self, model, preprocess, tokenizer, regions: gpd.GeoDataFrame, templates: list[str] | None = None,
                  device="auto", scale: str = "learned", model_name: str | None = None,
-                 text_features: torch.Tensor | None = None):
+                 classifier: RegionClassifier | None = None, class_ids: list[str] | None = None):
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         self.device = resolve_device(device)
@@ -76,27 +96,38 @@ class GeoPredictor:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.regions = regions.reset_index(drop=True)
-        self.region_ids: list[str] = self.regions["id"].tolist()
+        self.region_ids: list[str] = [str(r) for r in self.regions["id"]]
         self.centroids = self.regions[["centroid_lat", "centroid_lon"]].to_numpy(dtype=float)
-        self.templates = list(templates or [DEFAULT_TEMPLATE])
+        self.templates = templates
         self.scale = scale
         self.model_name = model_name
-        # Callers with class embeddings of their own (a fine-tuned head) skip encoding the prompts.
-        self.text_features = (text_features.to(self.device) if text_features is not None
-                              else encode_region_texts(model, tokenizer, self.regions, self.templates, self.device))
+        if classifier is None:
+            text = encode_region_texts(model, tokenizer, self.regions, templates, self.device)
+            logit_scale = float(model.logit_scale.detach().float().exp()) if scale == "learned" else 1.0
+            classifier, class_ids = RegionClassifier(model.visual, text, logit_scale, head=False), self.region_ids
+        elif model.visual is not classifier.visual:
+            raise ValueError("the model's image encoder must be the classifier's")
+        unknown = [r for r in self.region_ids if r not in (class_ids or [])]
+        if unknown:
+            raise ValueError(f"regions {unknown} are not among the classifier's classes {class_ids}")
+        self.classifier = classifier.to(self.device).eval()
+        self.columns = torch.as_tensor([class_ids.index(r) for r in self.region_ids], device=self.device)
+        self.checkpoint: dict | None = None  # what a fine-tuned predictor was loaded from
+
+    @property
+    def text_features(self) -> torch.Tensor:
+        """The class embeddings of ``regions`` (region prompt embeddings, or those a checkpoint kept)."""
+        return self.classifier.class_embeddings[self.columns]
 
     def logits(self, image_features) -> torch.Tensor:
         """Region logits (n x n_regions) for image embeddings (normalised here if they are not)."""
-        features = torch.as_tensor(image_features, dtype=torch.float32, device=self.text_features.device)
-        cosines = F.normalize(torch.atleast_2d(features), dim=-1) @ self.text_features.T
-        if self.scale == "none":
-            return cosines
-        return self.model.logit_scale.detach().float().exp() * cosines
+        features = torch.as_tensor(image_features, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            return self.classifier.classify(torch.atleast_2d(features))[:, self.columns]
 
     def probabilities(self, embeddings) -> np.ndarray:
         """Softmax region probabilities (n x n_regions, float64) for image embeddings."""
-        with torch.no_grad():
-            return self.logits(embeddings).double().softmax(dim=-1).cpu().numpy()
+        return self.logits(embeddings).double().softmax(dim=-1).cpu().numpy()
 
     def predict_embeddings(self, embeddings, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Indices into the regions (n x k) and their probabilities, best first."""
@@ -179,8 +210,6 @@ def predict_manifest(predictor: GeoPredictor, manifest: pd.DataFrame, image_root
     Unreadable images get no row; they are logged and listed in ``table.attrs["failures"]``
     (records of image_path and reason, kept when the table is written to Parquet).
     """
-    from lageo_utils.embed import embed_manifest
-
     result = embed_manifest(predictor.model, predictor.preprocess, manifest, image_root, cache_dir=cache_dir,
                             batch_size=batch_size, device=predictor.device, model_name=predictor.model_name)
     probs = predictor.probabilities(result.embeddings)
@@ -192,15 +221,46 @@ def predict_manifest(predictor: GeoPredictor, manifest: pd.DataFrame, image_root
     return table
 
 
+def load_finetuned(checkpoint_path: str | os.PathLike, regions, device: str | torch.device = "auto", *,
+                   clip: tuple | None = None) -> GeoPredictor:
+    """A ``GeoPredictor`` for a training checkpoint (``best.pt``/``last.pt``) over ``regions``.
+
+    The model is rebuilt from the checkpoint's config: ``model_name`` and ``pretrained`` (whose
+    encoder weights must be those training started from), then the checkpoint's weights.
+    ``regions`` may be any subset or order of the regions the checkpoint was trained with.
+    ``clip`` is an already loaded base ``(model, preprocess, tokenizer)``; it is not modified.
+    """
+    path = Path(checkpoint_path)
+    state = load_checkpoint(path)
+    config = state["config"]
+    unknown = [str(r) for r in regions["id"] if str(r) not in state["region_ids"]]
+    if unknown:
+        raise ValueError(f"{path}: regions {unknown} are not in the checkpoint (trained with {state['region_ids']})")
+    model_name, pretrained = config["model_name"], config["pretrained"]
+    target = resolve_device(device)
+    model, preprocess, tokenizer = clip if clip is not None else load_clip(model_name, pretrained, target)
+    model = copy.deepcopy(model).to(target) if clip is not None else model
+    if not state["self_contained"] and weights_identity(model) != state["base_identity"]:
+        raise CheckpointError(f"{path}: {model_name} weights {pretrained!r} are not those this "
+                              "checkpoint was trained from")
+    model_state = state["model"]
+    classifier = RegionClassifier(model.visual, model_state["class_embeddings"], state["logit_scale"],
+                                  head="head.weight" in model_state)
+    load_classifier_state(classifier, model_state, complete=state["self_contained"])
+    predictor = GeoPredictor(model, preprocess, tokenizer, regions, templates=config["templates"], device=target,
+                             model_name=model_name, classifier=classifier, class_ids=list(state["region_ids"]))
+    predictor.checkpoint = {"path": str(path), "strategy": config["strategy"], "epoch": state["epoch"],
+                            "best_val_acc": state["best_val_acc"]}
+    return predictor
+
+
 def load_predictor(model_name: str, pretrained, regions: gpd.GeoDataFrame, checkpoint=None, device="auto",
-                   templates: list[str] | None = None, scale: str = "learned"):
+                   templates: list[str] | None = None, scale: str = "learned") -> GeoPredictor:
     """A ready predictor: zero-shot CLIP, or the fine-tuned model in ``checkpoint`` (model name and weights then come
     from the checkpoint's own config)."""
     if checkpoint is not None:
         if templates is not None or scale != "learned":
             raise ValueError("templates and scale come from the checkpoint's own config; do not pass them with it")
-        from lageo_utils.finetune import load_finetuned  # imports the training stack only when needed
-
         return load_finetuned(checkpoint, regions, device)
     model, preprocess, tokenizer = load_clip(model_name, pretrained, device=device)
     return GeoPredictor(model, preprocess, tokenizer, regions, templates=templates, device=device, scale=scale,

@@ -16,15 +16,9 @@ from lageo_utils.cli import main
 from lageo_utils.geo import haversine_km
 from lageo_utils.images import ImageReadError
 from lageo_utils.model import TINY_MODEL, load_clip
-from lageo_utils.zeroshot import (
-    DEFAULT_TEMPLATE,
-    GeoPredictor,
-    encode_region_texts,
-    load_predictor,
-    predict_manifest,
-    predictions_from_probs,
-    region_prompts,
-)
+from lageo_utils.predict import GeoPredictor, load_finetuned, load_predictor, predict_manifest, predictions_from_probs
+from lageo_utils.prompts import DEFAULT_TEMPLATE, encode_region_texts, region_prompts
+from lageo_utils.training import TrainConfig, train
 
 TABLE_COLUMNS = ["image_path", "latitude", "longitude", "true_region", "pred_region", "top_regions", "top_probs",
                  "confidence", "pred_lat", "pred_lon", "error_km", "correct"]
@@ -240,8 +234,6 @@ def test_cli_exit_codes(capsys, photos, tmp_path):
 
 
 def test_cli_predicts_with_a_finetuned_checkpoint(capsys, regions, photos, tmp_path):
-    from lageo_utils.finetune import TrainConfig, load_finetuned, train
-
     four = regions.iloc[:4].reset_index(drop=True)
     manifest = pd.DataFrame({"image_path": [p.name for p in photos] * 2,
                              "latitude": np.repeat(four["centroid_lat"].to_numpy()[:3], 2),

@@ -1,0 +1,213 @@
+"""Throughput benchmarks (``lageo bench``): JSON figures, never asserted in tests.
+
+Timings drift between machines and with load, so each benchmark measures the sides it compares
+in the same process, and reports the machine's load beside the figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from lageo_utils.checkpoints import seed_everything
+from lageo_utils.embed import embed_paths
+from lageo_utils.images import default_num_workers, open_rgb
+from lageo_utils.model import autocast, load_clip, resolve_device
+from lageo_utils.predict import RegionClassifier
+from lageo_utils.prompts import encode_region_texts
+from lageo_utils.regions import load_regions
+from lageo_utils.training.config import STRATEGIES, TrainConfig
+from lageo_utils.training.data import TrainData
+from lageo_utils.training.encoder import image_data, unfreeze
+from lageo_utils.training.loop import deterministic, fit, new_run, train_epoch
+
+
+def benchmark_embed(
+    model_name: str = "ViT-B-32",
+    pretrained: str | None = None,
+    images: int = 256,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str = "auto",
+) -> dict:
+    """Images/s of the bare model, of files through loader and model, and of a cached re-run.
+
+    Writes ``images`` synthetic 640 x 640 JPEGs (street-view-like file sizes) to a temporary
+    folder; the raw figure is the forward pass alone on already-preprocessed tensors (one batch
+    of them, reused until ``images`` were processed), normalised and copied back like the pipeline's.
+    """
+    target = resolve_device(device)
+    model, preprocess, _ = load_clip(model_name, pretrained, device=target)
+    workers = default_num_workers(num_workers)
+    with tempfile.TemporaryDirectory(prefix="lageo-bench-") as tmp:
+        paths = write_test_jpegs(Path(tmp) / "images", images)
+        batch = torch.stack([preprocess(open_rgb(p)) for p in paths[:batch_size]]).to(target)
+        # The raw figure is timed in two halves (whole batches, as the pipeline runs them), before and
+        # after the pipeline, so that a change in the load of a shared machine biases neither figure.
+        raw_first = min(images, math.ceil(images / batch_size) // 2 * batch_size)
+        raw_s = _time_raw_forward(model, batch, raw_first, target)
+        run = dict(cache_dir=Path(tmp) / "cache", batch_size=batch_size, num_workers=workers, model_name=model_name)
+        start = time.perf_counter()
+        first = embed_paths(model, preprocess, paths, **run)
+        pipeline_s = time.perf_counter() - start
+        raw_s += _time_raw_forward(model, batch, images - raw_first, target)
+        start = time.perf_counter()
+        second = embed_paths(model, preprocess, paths, **run)
+        cached_s = time.perf_counter() - start
+    if not np.array_equal(first.embeddings, second.embeddings) or len(first.failures):
+        raise RuntimeError("benchmark check failed: cached embeddings differ from computed ones, or images failed")
+    return {
+        "model": model_name,
+        "device": str(target),
+        "images": images,
+        "raw_model_img_s": round(images / raw_s, 2),
+        "pipeline_img_s": round(images / pipeline_s, 2),
+        "pipeline_vs_raw": round(raw_s / pipeline_s, 3),
+        "cached_img_s": round(images / cached_s, 1),
+        "cache_speedup": round(pipeline_s / cached_s, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),  # this run included: above ~2-3 means other work shared the 2 cores
+    }
+
+
+def write_test_jpegs(folder: Path, count: int, size: int = 640, seed: int = 0) -> list[str]:
+    """Synthetic JPEGs: smooth random colour fields plus grain, about the size of Street View images."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        grain = rng.normal(0.0, 6.0, (size, size, 3))
+        pixels = np.clip(np.asarray(coarse, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+        path = folder / f"bench_{i:05d}.jpg"
+        Image.fromarray(pixels).save(path, quality=85)
+        paths.append(str(path))
+    return paths
+
+
+def _time_raw_forward(model, batch: torch.Tensor, images: int, device: torch.device) -> float:
+    """Seconds for the model alone to embed ``images`` preprocessed images, in batches like ``batch``."""
+    model.eval()
+    with torch.inference_mode(), autocast(device):
+        model.encode_image(batch[:2])  # warm-up: first-call allocations are not throughput
+        _synchronize(device)
+        start = time.perf_counter()
+        done = 0
+        while done < images:
+            chunk = batch[: min(len(batch), images - done)]
+            F.normalize(model.encode_image(chunk).float(), dim=-1).cpu()
+            done += len(chunk)
+        _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def benchmark_train(
+    model_name: str = "ViT-B-32",
+    pretrained: str | None = None,
+    strategy: str = "partial",
+    images: int = 64,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> dict:
+    """Training images/s and peak memory of one strategy, through the real training loop.
+
+    ``partial``/``full``/``contrastive``: ``images`` synthetic 640 x 640 JPEGs through the loader,
+    augmentation off; one warm-up epoch, then one timed epoch (training only). ``linear_probe``:
+    8 epochs over ``images`` cached embeddings (synthetic unit vectors with a class structure;
+    the head's cost does not depend on their values), timed end to end: every epoch's
+    validation on a sixth as many embeddings and both checkpoints included.
+    """
+    if strategy not in STRATEGIES or strategy == "zeroshot":
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES[1:])} (zeroshot trains nothing), "
+                         f"not {strategy!r}")
+    if images < 1:
+        raise ValueError(f"images must be at least 1, got {images}")
+    target = resolve_device(device)
+    config = TrainConfig(strategy=strategy, model_name=model_name, pretrained=pretrained, batch_size=batch_size,
+                         epochs=8 if strategy == "linear_probe" else 2)
+    seed_everything(config.seed)
+    model, preprocess, tokenizer = load_clip(model_name, pretrained, device=target)
+    regions = load_regions()
+    region_ids = [str(r) for r in regions["id"]]
+    class_embeddings = encode_region_texts(model, tokenizer, regions, device=target)
+    logit_scale = float(model.logit_scale.exp().item())
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
+    with tempfile.TemporaryDirectory(prefix="lageo-bench-train-") as tmp:
+        if strategy == "linear_probe":
+            train_data = _synthetic_embeddings(class_embeddings.cpu(), images, seed=0)
+            val_data = _synthetic_embeddings(class_embeddings.cpu(), max(1, images // 6), seed=1)
+            visual = model.visual
+        else:
+            paths = write_test_jpegs(Path(tmp) / "images", images)
+            frame = pd.DataFrame({"image_path": paths, "region_id": [region_ids[i % len(region_ids)]
+                                                                      for i in range(images)]})
+            train_data = image_data(frame, region_ids, preprocess, None)
+            val_data = train_data
+            visual = copy.deepcopy(model.visual)
+            unfreeze(visual, config)
+        classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=strategy != "contrastive")
+        run = new_run(config, classifier, region_ids, train_data, val_data, target, Path(tmp), "bench", {})
+        run.self_contained = False  # checkpoints as with pretrained weights: the trained part only
+        with deterministic():
+            if strategy == "linear_probe":
+                start = time.perf_counter()
+                fit(run, None)
+                seconds = time.perf_counter() - start
+                trained = images * config.epochs
+            else:
+                train_epoch(run, 1, None)  # warm-up: allocations, thread pools, loader start
+                _synchronize(target)
+                start = time.perf_counter()
+                train_epoch(run, 2, None)
+                _synchronize(target)
+                seconds = time.perf_counter() - start
+                trained = images
+    trainable = sum(p.numel() for group in run.optimizer.param_groups for p in group["params"])
+    return {
+        "model": model_name,
+        "device": str(target),
+        "strategy": strategy,
+        "images": images,
+        "epochs_timed": config.epochs if strategy == "linear_probe" else 1,
+        "batch_size": batch_size,
+        "seconds": round(seconds, 3),
+        "train_img_s": round(trained / seconds, 1),
+        "trainable_params": trainable,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(target) / 2**20, 1) if target.type == "cuda" else None,
+        "num_workers": default_num_workers(config.num_workers) if train_data.images else 0,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _synthetic_embeddings(class_embeddings: torch.Tensor, count: int, seed: int) -> TrainData:
+    """Unit vectors scattered around the class embeddings: stand-ins for cached image embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(len(class_embeddings), (count,), generator=generator)
+    noise = torch.randn(count, class_embeddings.shape[1], generator=generator) / class_embeddings.shape[1] ** 0.5
+    vectors = F.normalize(class_embeddings[labels] + noise, dim=-1)
+    return TrainData(TensorDataset(vectors, torch.arange(count)), labels, [f"embedding_{i}" for i in range(count)], False)

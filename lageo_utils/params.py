@@ -1,0 +1,188 @@
+"""The run parameters, declared once: name, type, allowed values or range, default and help.
+
+Profiles, ``--config`` files, ``-p NAME VALUE``, notebook parameters and ``lageo train`` all go
+through ``check_params``/``check_value``, so a typo or an impossible value is refused before
+any work starts, with one message naming the parameter and the value (in the manner of
+scikit-learn's declared parameter constraints).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class ParamError(ValueError):
+    """A parameter is unknown, of the wrong type or out of range; the message names it and the value."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter. Bounds are inclusive unless ``low_open``; ``optional`` admits None."""
+
+    name: str
+    kind: type
+    default: object
+    help: str
+    group: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+    optional: bool = False
+    pattern: str | None = None  # a regular expression a text value must match in full
+
+    def allowed(self) -> str:
+        """The allowed values in words (the 'type' column of ``lageo params``)."""
+        if self.choices is not None:
+            text = " | ".join(self.choices)
+        else:
+            text = {int: "integer", float: "number", bool: "true | false", str: "text"}[self.kind]
+            bounds = []
+            if self.low is not None:
+                bounds.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
+            if self.high is not None:
+                bounds.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
+            if bounds:
+                text += " " + " and ".join(bounds)
+        return text + (" | none" if self.optional else "")
+
+    def check(self, value):
+        """The value in its declared type; ``ParamError`` naming the parameter and the value otherwise."""
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and self.optional):
+            if self.optional:
+                return None
+            raise ParamError(f"{self.name} must be {self.allowed()}, got None")
+        if self.choices is not None:
+            if value in self.choices:
+                return value
+            close = difflib.get_close_matches(str(value), self.choices, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ParamError(f"unknown {self.name} {value!r}{hint} Choose one of: {', '.join(self.choices)}")
+        checked = {int: _as_int, float: _as_float, bool: _as_bool, str: _as_str}[self.kind](value)
+        if checked is None or not self._in_range(checked):
+            raise ParamError(f"{self.name} must be {'an ' if self.kind is int else 'a '}{self.allowed()}, "
+                             f"got {value!r}")
+        return checked
+
+    def _in_range(self, value) -> bool:
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value <= self.high and not (self.high_open and value == self.high))
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        return None
+    return int(value)
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:  # YAML 1.1 reads "1e-4" as text; a number written as text is still a number
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_bool(value) -> bool | None:
+    return bool(value) if isinstance(value, bool | np.bool_) else None
+
+
+def _as_str(value) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+STRATEGIES = ("zeroshot", "linear_probe", "partial", "full", "contrastive")
+
+PARAMS: dict[str, Param] = {p.name: p for p in [
+    # data
+    Param("profile", str, "demo", "the profile these values started from (a label in params.yaml)", "data"),
+    Param("data_source", str, "demo", "demo: the synthetic demo images; manifest: data_dir/manifest", "data",
+          choices=("demo", "manifest")),
+    Param("data_dir", str, None, "folder with the manifest and the images it names (data_source manifest)", "data",
+          optional=True),
+    Param("manifest", str, "manifest.csv", "manifest file inside data_dir (canonical or the authors' metadata CSV)",
+          "data"),
+    Param("dedupe", bool, False, "keep the first of repeated image paths instead of refusing the manifest", "data"),
+    Param("regions", str, "regions/la_county_regions.geojson", "region file (GeoJSON or the authors' JSON)", "data"),
+    Param("demo_points_per_region", int, 8, "demo: capture points per region (4 headings each)", "data", low=1),
+    Param("demo_seed", int, 0, "demo: seed of the synthetic scenes", "data", low=0),
+    Param("demo_image_size", int, 128, "demo: image width and height in pixels", "data", low=32, high=1024),
+    Param("split_strategy", str, "location", "location: capture points never shared between splits; image: the "
+          "authors' image-level split", "data", choices=("location", "image")),
+    Param("split_seed", int, 42, "seed of the split and the sampling", "data", low=0),
+    Param("buffer_m", float, 0.0, "drop val/test capture points this close (metres) to a training point", "data",
+          low=0),
+    Param("area_normalize", bool, False, "the authors' area-normalised sampling", "data"),
+    # model
+    Param("model", str, "ViT-B-32", "open_clip model name (lageo-tiny: the tiny test model)", "model"),
+    Param("pretrained", str, "openai", "open_clip weights tag, a local checkpoint path, or none (random weights)",
+          "model", optional=True),
+    Param("device", str, "auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "model",
+          pattern=r"auto|cpu|mps|cuda(:\d+)?"),
+    # training
+    Param("strategy", str, "linear_probe", "what fine-tuning trains (see README, Fine-tuning)", "training",
+          choices=STRATEGIES),
+    Param("epochs", int, 8, "training epochs (the seed trained 8)", "training", low=1),
+    Param("lr", float, None, "learning rate; none: the strategy's default", "training", low=0, low_open=True,
+          optional=True),
+    Param("batch_size", int, 32, "images per batch (training and embedding)", "training", low=1),
+    Param("grad_accum_steps", int, 1, "batches per optimizer step", "training", low=1),
+    Param("weight_decay", float, 0.1, "AdamW weight decay on encoder matrices", "training", low=0),
+    Param("warmup_fraction", float, 0.05, "share of optimizer steps of linear warm-up before the cosine decay",
+          "training", low=0, high=1, high_open=True),
+    Param("max_grad_norm", float, 1.0, "gradient clipping norm; none: no clipping", "training", low=0, low_open=True,
+          optional=True),
+    Param("unfreeze_blocks", int, 2, "partial: trained transformer blocks, counted from the last", "training", low=1),
+    Param("augment", bool, False, "random resized crop and colour jitter on training images", "training"),
+    Param("patience", int, None, "early stopping after this many epochs without a better validation accuracy",
+          "training", low=1, optional=True),
+    Param("num_workers", int, None, "image loader worker processes; none: one per core, at most 4", "training",
+          low=0, optional=True),
+    Param("embed_batch_size", int, 64, "images per forward pass when computing cached embeddings", "training",
+          low=1),
+    Param("seed", int, 42, "seed of model initialisation, training and the bootstrap", "training", low=0),
+    # evaluation
+    Param("top_k", int, 5, "regions listed per image", "evaluation", low=1),
+    Param("n_boot", int, 1000, "bootstrap resamples (over capture points) for confidence intervals", "evaluation",
+          low=10),
+]}
+
+
+def unknown_name_message(name: str) -> str:
+    """'unknown parameter' with the closest valid names."""
+    close = difflib.get_close_matches(name, PARAMS, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown parameter {name!r}{hint} (`lageo params` lists them all)"
+
+
+def check_value(name: str, value):
+    """One parameter's value in its declared type, or ``ParamError``."""
+    if name not in PARAMS:
+        raise ParamError(unknown_name_message(name))
+    return PARAMS[name].check(value)
+
+
+def check_params(values: Mapping) -> dict:
+    """Every value checked (unknown names refused); the result has the declared types."""
+    return {name: check_value(name, value) for name, value in values.items()}
+
+
+def defaults() -> dict:
+    """Every parameter at its declared default."""
+    return {name: p.default for name, p in PARAMS.items()}

@@ -1,0 +1,501 @@
+"""The training loop every strategy shares: optimizer, schedule, AMP, validation, checkpoints, resuming.
+
+The head is initialised from the region text embeddings times the model's ``logit_scale`` (bias
+0), so before training it computes exactly the zero-shot logits. Classes are the regions of the
+region file, in its order; training regions may be a subset: the loss only covers regions with
+training images and the head has no weight decay, so the other rows keep their text weights.
+Strategy families live in their own modules (``embedding``: on cached embeddings; ``encoder``:
+image-encoder weights on images); this module drives them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lageo_utils.checkpoints import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
+from lageo_utils.files import atomic_write
+from lageo_utils.images import collate_skip_failures, default_num_workers
+from lageo_utils.model import autocast, load_clip, resolve_device, weights_identity
+from lageo_utils.predict import RegionClassifier, load_classifier_state
+from lageo_utils.prompts import encode_region_texts
+from lageo_utils.training.config import EMBEDDING_STRATEGIES, RESUMABLE_CHANGES, TrainConfig
+from lageo_utils.training.data import TrainData, checked_manifest, frame_hash
+from lageo_utils.training.embedding import embedding_data_factory
+from lageo_utils.training.encoder import image_data, train_transform, unfreeze
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"]
+BEST, LAST, HISTORY, SUMMARY = "best.pt", "last.pt", "history.csv", "train_summary.json"
+
+StepHook = Callable[[int, int], None]  # (epoch, batch index) after each training batch
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` wrote: the summary, the history and the checkpoint paths."""
+
+    summary: dict
+    history: pd.DataFrame
+    out_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+
+
+@dataclass
+class _Run:
+    """The mutable state of one training run."""
+
+    config: TrainConfig
+    classifier: RegionClassifier
+    region_ids: list[str]
+    train: TrainData | None
+    val: TrainData
+    device: torch.device
+    out_dir: Path
+    base_identity: str
+    data_hashes: dict
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_acc: float = -1.0
+    zeroshot_val_acc: float | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    failures: dict = field(default_factory=dict)  # image path -> reason, unreadable images
+    resumed_from: int | None = None
+    # Checkpoints also hold the frozen encoder weights: a randomly initialised base cannot be reloaded.
+    self_contained: bool = False
+
+    @property
+    def epoch(self) -> int:
+        return int(self.history[-1]["epoch"]) if self.history else 0
+
+
+def train(
+    train_manifest: pd.DataFrame | str | os.PathLike,
+    val_manifest: pd.DataFrame | str | os.PathLike,
+    regions,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    device: str | torch.device = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    clip: tuple | None = None,
+    on_step: StepHook | None = None,
+) -> TrainResult:
+    """Train (or, for ``zeroshot``, only evaluate) a region classifier; write checkpoints, history and summary.
+
+    ``train_manifest``/``val_manifest`` are canonical manifests (DataFrames or CSV/Parquet paths,
+    ``image_path`` relative to ``image_root``). Writes ``best.pt`` (best validation accuracy),
+    ``last.pt`` (after every epoch), ``history.csv`` and ``train_summary.json`` into ``out_dir``.
+    ``resume=True`` continues from ``out_dir/last.pt``. ``clip`` is an already loaded
+    ``(model, preprocess, tokenizer)`` matching ``config.model_name``/``pretrained``; it is never
+    modified. ``cache_dir`` holds the embedding cache (default ``out_dir/embedding_cache``).
+    ``on_step(epoch, batch)`` is called after every training batch (progress, tests).
+    """
+    config = config or TrainConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = load_checkpoint(out / LAST) if resume else None
+    if checkpoint is not None:
+        _check_resumable(checkpoint, config, out / LAST)
+    with deterministic():
+        seed_everything(config.seed)
+        run = _prepare_run(
+            train_manifest, val_manifest, regions, image_root, out, config, resolve_device(device),
+            Path(cache_dir) if cache_dir is not None else out / "embedding_cache", clip, checkpoint,
+        )
+        if checkpoint is None:
+            run.zeroshot_val_acc = _evaluate(run, epoch=0)[1]
+            log.info("zero-shot validation accuracy: %.4f", run.zeroshot_val_acc)
+            if config.strategy == "zeroshot":
+                run.best_val_acc = run.zeroshot_val_acc
+                _save(run, improved=True)
+        else:
+            _restore(run, checkpoint)
+        fit(run, on_step)
+    return _finish(run)
+
+
+def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config, device, cache_dir, clip, checkpoint):
+    region_ids = [str(r) for r in regions["id"]]
+    train_df = checked_manifest(train_manifest, regions, "train")
+    val_df = checked_manifest(val_manifest, regions, "val")
+    data_hashes = {"train": frame_hash(train_df), "val": frame_hash(val_df)}
+    if checkpoint is not None:
+        if checkpoint["region_ids"] != region_ids:
+            raise CheckpointError(f"{out / LAST}: trained on regions {checkpoint['region_ids']}, not {region_ids}")
+        if checkpoint["data_hashes"] != data_hashes:
+            raise CheckpointError(f"{out / LAST}: the train/val manifests changed since the checkpoint was written")
+
+    model, preprocess, tokenizer = clip if clip is not None else load_clip(config.model_name, config.pretrained, device)
+    model = model.to(device)
+    base_identity = weights_identity(model)
+    if checkpoint is not None and checkpoint["base_identity"] != base_identity:
+        raise CheckpointError(f"{out / LAST}: the model's weights differ from those the run started with")
+    if checkpoint is not None:
+        class_embeddings = checkpoint["model"]["class_embeddings"].to(device)
+    else:
+        class_embeddings = encode_region_texts(model, tokenizer, regions, templates=config.templates, device=device)
+    logit_scale = float(model.logit_scale.exp().item())
+
+    if config.strategy in EMBEDDING_STRATEGIES:
+        visual = model.visual
+        embed = embedding_data_factory(model, preprocess, image_root, cache_dir, config, device)
+        val = embed(val_df, region_ids)
+        train = embed(train_df, region_ids) if config.strategy == "linear_probe" else None
+    else:
+        visual = copy.deepcopy(model.visual)
+        unfreeze(visual, config)
+        val = image_data(val_df, region_ids, preprocess, image_root)
+        train = image_data(train_df, region_ids, train_transform(preprocess, visual, config.augment), image_root)
+    classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=config.strategy != "contrastive")
+    return new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes)
+
+
+def new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes) -> _Run:
+    """A run at epoch 0 with its optimizer, schedule and loss scaler."""
+    run = _Run(config, classifier.to(device), region_ids, train, val, device, out, base_identity, data_hashes,
+               self_contained=config.pretrained is None)
+    if train is not None:
+        if len(train.labels) == 0:
+            raise ValueError("the training split has no readable images")
+        run.optimizer, run.scheduler = _optimizer(classifier, config, _steps_per_epoch(run) * config.epochs)
+        run.scaler = torch.amp.GradScaler("cuda", enabled=_needs_grad_scaler(device))
+    return run
+
+
+def _optimizer(classifier: RegionClassifier, config: TrainConfig, total_steps: int):
+    """AdamW (decay on encoder matrices only) and a per-step linear warm-up + cosine schedule."""
+    decay, no_decay = [], []
+    if config.strategy != "linear_probe":
+        for name, param in classifier.visual.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 and "embedding" not in name else no_decay).append(param)
+    head = list(classifier.head.parameters()) if classifier.head is not None else []
+    groups = [{"params": params, "weight_decay": wd}
+              for params, wd in ((decay, config.weight_decay), (no_decay, 0.0), (head, 0.0)) if params]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    warmup = int(config.warmup_fraction * total_steps)
+
+    # torch ships warm-up and cosine schedulers but not the two joined per step with a resumable state
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _needs_grad_scaler(device: torch.device) -> bool:
+    """float16 autocast (CUDA without bfloat16) needs loss scaling; bfloat16 and CPU do not."""
+    return device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+def _workers(config: TrainConfig, data: TrainData) -> int:
+    return default_num_workers(config.num_workers) if data.images else 0
+
+
+def _loader(run: _Run, data: TrainData, shuffle: bool, epoch: int) -> DataLoader:
+    # A generator per epoch: the shuffle order is fixed by (seed, epoch), so a resumed epoch repeats it. Workers
+    # are seeded from it too (torch seeds random, numpy and torch in each worker from the loader's base seed).
+    generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + epoch)
+    batch_size = run.config.batch_size if shuffle else max(run.config.batch_size, run.config.embed_batch_size)
+    workers = _workers(run.config, data)
+    return DataLoader(
+        data.dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        collate_fn=collate_skip_failures if data.images else None,
+        pin_memory=run.device.type == "cuda",
+    )
+
+
+def _batches(run: _Run, data: TrainData, loader: DataLoader):
+    """Yield ``(inputs, labels)`` on the device; record unreadable images and skip empty batches."""
+    for batch in loader:
+        if data.images:
+            inputs, indices, failures = batch
+            for index, reason in failures:
+                run.failures.setdefault(data.paths[index], reason)
+        else:
+            inputs, indices = batch
+        if inputs is None:
+            yield None, None
+            continue
+        labels = data.labels[indices].to(run.device, non_blocking=True)
+        yield inputs.to(run.device, non_blocking=True), labels
+
+
+def _logits(run: _Run, inputs: torch.Tensor, images: bool) -> torch.Tensor:
+    with autocast(run.device):
+        logits = run.classifier(inputs) if images else run.classifier.classify(inputs)
+    return logits.float()
+
+
+def _steps_per_epoch(run: _Run) -> int:
+    batches = math.ceil(len(run.train.labels) / run.config.batch_size)
+    return math.ceil(batches / run.config.grad_accum_steps)
+
+
+def train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
+    """One epoch of training; returns the mean training loss."""
+    config, data = run.config, run.train
+    run.classifier.train(data.images)
+    # The loss covers only regions with training images: the others keep their text-initialised weights.
+    train_classes = torch.unique(data.labels).to(run.device)
+    remap = torch.full((len(run.region_ids),), -1, dtype=torch.long, device=run.device)
+    remap[train_classes] = torch.arange(len(train_classes), device=run.device)
+    loader = _loader(run, data, shuffle=True, epoch=epoch)
+    total, count, pending = torch.zeros((), device=run.device), 0, 0  # summed on the device: no sync per batch
+    run.optimizer.zero_grad(set_to_none=True)
+    progress = tqdm(_batches(run, data, loader), total=len(loader), desc=f"epoch {epoch}", leave=False)
+    for i, (inputs, labels) in enumerate(progress):
+        if inputs is not None:
+            logits = _logits(run, inputs, data.images)[:, train_classes]
+            loss = F.cross_entropy(logits, remap[labels])
+            run.scaler.scale(loss / config.grad_accum_steps).backward()
+            pending += 1
+            total += loss.detach() * len(labels)
+            count += len(labels)
+            if i % 10 == 0:
+                progress.set_postfix(loss=f"{total.item() / count:.4f}")
+        if pending and ((i + 1) % config.grad_accum_steps == 0 or i + 1 == len(loader)):
+            _optimizer_step(run)
+            pending = 0
+        if on_step is not None:
+            on_step(epoch, i)
+    if count == 0:
+        raise ValueError("no training image could be read in this epoch")
+    return total.item() / count
+
+
+def _optimizer_step(run: _Run) -> None:
+    if run.config.max_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, run.config.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def _evaluate(run: _Run, epoch: int) -> tuple[float, float]:
+    """Validation loss and accuracy over all regions."""
+    data = run.val
+    run.classifier.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    loader = _loader(run, data, shuffle=False, epoch=epoch)
+    for inputs, labels in tqdm(_batches(run, data, loader), total=len(loader), desc="validation", leave=False):
+        if inputs is None:
+            continue
+        logits = _logits(run, inputs, data.images)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        count += len(labels)
+    if count == 0:
+        raise ValueError("the validation split has no readable images")
+    return loss_sum / count, correct / count
+
+
+def fit(run: _Run, on_step: StepHook | None) -> None:
+    if run.train is None:
+        return
+    with _head_only_threads(run):
+        _epochs(run, on_step)
+
+
+@contextlib.contextmanager
+def _head_only_threads(run: _Run):
+    """One intra-op thread for head-only training on the CPU, restored afterwards.
+
+    Its matrix products (batch x embedding dim x regions) are too small to gain from more threads,
+    and on busy shared cores the extra threads wait on each other: 8 epochs on 6,000 embeddings
+    took 3 s with one thread and 60 s with two on this project's 2-core machine.
+    """
+    threads = torch.get_num_threads()
+    if run.device.type == "cpu" and not run.train.images:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _epochs(run: _Run, on_step: StepHook | None) -> None:
+    config = run.config
+    for epoch in range(run.epoch + 1, config.epochs + 1):
+        if run.stopped_early:
+            break
+        started = time.perf_counter()
+        train_loss = train_epoch(run, epoch, on_step)
+        val_loss, val_acc = _evaluate(run, epoch)
+        run.history.append({
+            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc,
+            "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+        })
+        improved = val_acc > run.best_val_acc
+        if improved:
+            run.best_epoch, run.best_val_acc, run.bad_epochs = epoch, val_acc, 0
+        else:
+            run.bad_epochs += 1
+        run.stopped_early = config.patience is not None and run.bad_epochs >= config.patience
+        _save(run, improved)
+        log.info("epoch %d: train_loss %.4f, val_loss %.4f, val_acc %.4f%s", epoch, train_loss, val_loss, val_acc,
+                 " (best)" if improved else "")
+        if run.stopped_early:
+            log.info("early stopping: no better validation accuracy in %d epochs", config.patience)
+
+
+def _model_state(run: _Run) -> dict:
+    """What a checkpoint stores of the classifier: the trained encoder weights, the head and the class embeddings.
+
+    Frozen encoder weights are left out when they can be reloaded from ``pretrained`` (checked
+    through ``base_identity``); with a randomly initialised base the whole encoder is stored.
+    """
+    optimized = {id(p) for group in run.optimizer.param_groups for p in group["params"]} if run.optimizer else set()
+    trained = {name for name, p in run.classifier.named_parameters() if id(p) in optimized}
+    return {
+        name: tensor.detach().cpu()
+        for name, tensor in run.classifier.state_dict().items()
+        if run.self_contained or not name.startswith("visual.") or name in trained
+    }
+
+
+def _save(run: _Run, improved: bool) -> None:
+    state = {
+        "config": run.config.to_dict(),
+        "region_ids": run.region_ids,
+        "epoch": run.epoch,
+        "model": _model_state(run),
+        "logit_scale": run.classifier.logit_scale,
+        "base_identity": run.base_identity,
+        "self_contained": run.self_contained,
+        "data_hashes": run.data_hashes,
+        "optimizer": run.optimizer.state_dict() if run.optimizer is not None else None,
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": capture_rng_state(),
+        "history": run.history,
+        "best_epoch": run.best_epoch,
+        "best_val_acc": run.best_val_acc,
+        "zeroshot_val_acc": run.zeroshot_val_acc,
+        "bad_epochs": run.bad_epochs,
+        "stopped_early": run.stopped_early,
+        "failures": run.failures,
+    }
+    save_checkpoint(state, run.out_dir / LAST, also=run.out_dir / BEST if improved else None)
+    _write_history(run)
+
+
+def _check_resumable(checkpoint: dict, config: TrainConfig, path: Path) -> None:
+    saved = checkpoint["config"]
+    changed = {k: (saved.get(k), v) for k, v in config.to_dict().items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise CheckpointError(f"{path}: cannot resume with a different configuration ({detail})")
+
+
+def _restore(run: _Run, checkpoint: dict) -> None:
+    load_classifier_state(run.classifier, checkpoint["model"], complete=run.self_contained)
+    if run.optimizer is not None:
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    run.history = list(checkpoint["history"])
+    run.best_epoch, run.best_val_acc = checkpoint["best_epoch"], checkpoint["best_val_acc"]
+    run.zeroshot_val_acc, run.bad_epochs = checkpoint["zeroshot_val_acc"], checkpoint["bad_epochs"]
+    run.stopped_early, run.failures = checkpoint["stopped_early"], dict(checkpoint["failures"])
+    run.resumed_from = checkpoint["epoch"]
+    restore_rng_state(checkpoint["rng"])
+    log.info("resumed from epoch %d (best epoch %d, val_acc %.4f)", run.epoch, run.best_epoch, run.best_val_acc)
+
+
+def _write_history(run: _Run) -> None:
+    frame = pd.DataFrame(run.history, columns=HISTORY_COLUMNS)
+    atomic_write(run.out_dir / HISTORY, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def _finish(run: _Run) -> TrainResult:
+    config = run.config
+    skipped = dict(run.failures)
+    for data in (run.train, run.val):
+        skipped.update(data.failures if data is not None else {})
+    if skipped:
+        log.warning("%d unreadable images were skipped: %s", len(skipped), list(skipped.items())[:5])
+    summary = {
+        "strategy": config.strategy,
+        "epochs_run": run.epoch,
+        "best_epoch": run.best_epoch,
+        "best_val_acc": run.best_val_acc,
+        "zeroshot_val_acc": run.zeroshot_val_acc,
+        "stopped_early": run.stopped_early,
+        "resumed_from_epoch": run.resumed_from,
+        "seed": config.seed,
+        "model": config.model_name,
+        "pretrained": config.pretrained,
+        "lr": config.learning_rate,
+        "batch_size": config.batch_size,
+        "n_train": _readable(run.train, skipped),
+        "n_val": _readable(run.val, skipped),
+        "data_hashes": run.data_hashes,
+        "seconds": float(sum(h["seconds"] for h in run.history)),
+        "skipped_images": [{"image_path": p, "reason": r} for p, r in sorted(skipped.items())],
+        "config": config.to_dict(),
+    }
+    (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    _write_history(run)
+    return TrainResult(summary, pd.read_csv(run.out_dir / HISTORY), run.out_dir, run.out_dir / BEST,
+                       run.out_dir / LAST)
+
+
+def _readable(data: TrainData | None, skipped: dict) -> int:
+    """Images of a split that could be read (embedding strategies list only those in the first place)."""
+    return 0 if data is None else sum(path not in skipped for path in data.paths)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Deterministic kernels while training (warn-only where an op has none); restored afterwards."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
