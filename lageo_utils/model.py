@@ -8,13 +8,16 @@ the tests and the offline demo do with the shipped ``lageo-tiny`` config.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import logging
 import os
 from pathlib import Path
 
+import huggingface_hub
 import open_clip
 import torch
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,43 @@ def load_clip(
     model.eval()
     log.info("loaded %s (weights: %s) on %s", model_name, source or "random init", target)
     return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def check_weights(model_name: str, pretrained: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None,
+                  timeout_s: float = 10.0) -> None:
+    """Fail at once, without loading anything, if ``load_clip(model_name, pretrained)`` could not get its weights.
+
+    Raises ``ValueError`` for an unknown model (naming the closest ones) and ``WeightsUnavailableError``
+    (the same text ``load_clip`` gives) for a missing file, an unknown tag, or a tag that is neither
+    in the Hugging Face cache nor downloadable now.
+    """
+    if model_name not in open_clip.list_models():
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model {model_name!r}{hint} (open_clip knows e.g. ViT-B-32, ViT-L-14, {TINY_MODEL})")
+    source = _resolve_weights(model_name, normalize_pretrained(pretrained))
+    if source is None or Path(source).is_file():
+        return
+    hub = open_clip.get_pretrained_cfg(model_name, source).get("hf_hub", "")
+    if not hub:
+        return  # a URL download (a few older tags); load_clip reports its failure
+    repo, filename = os.path.split(hub)  # "org/name/" names the default file
+    filename = filename or HF_WEIGHTS_NAME
+    # open_clip tries a safetensors file first, as here
+    candidates = [HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else str(Path(filename).with_suffix(".safetensors")),
+                  filename]
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=cache_dir), str)
+           for name in candidates):
+        return
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        problem = "they are not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    else:
+        try:
+            huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, candidates[-1]), timeout=timeout_s)
+            return
+        except Exception as exc:  # network errors come in many types; any of them means no weights now
+            problem = f"they are not in the Hugging Face cache and cannot be downloaded now ({type(exc).__name__})"
+    raise WeightsUnavailableError(_weights_help(model_name, source, problem))
 
 
 def weights_identity(model: torch.nn.Module, module: str = "visual") -> str:

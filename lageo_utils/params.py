@@ -37,11 +37,14 @@ class Param:
     high_open: bool = False
     optional: bool = False
     pattern: str | None = None  # a regular expression a text value must match in full
+    pattern_text: str | None = None  # that pattern in words
 
     def allowed(self) -> str:
         """The allowed values in words (the 'type' column of ``lageo params``)."""
         if self.choices is not None:
             text = " | ".join(self.choices)
+        elif self.pattern_text is not None:
+            text = self.pattern_text
         else:
             text = {int: "integer", float: "number", bool: "true | false", str: "text"}[self.kind]
             bounds = []
@@ -63,12 +66,12 @@ class Param:
             if value in self.choices:
                 return value
             close = difflib.get_close_matches(str(value), self.choices, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ParamError(f"unknown {self.name} {value!r}{hint} Choose one of: {', '.join(self.choices)}")
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ParamError(f"unknown {self.name} {value!r}{hint}; choose one of: {', '.join(self.choices)}")
         checked = {int: _as_int, float: _as_float, bool: _as_bool, str: _as_str}[self.kind](value)
         if checked is None or not self._in_range(checked):
-            raise ParamError(f"{self.name} must be {'an ' if self.kind is int else 'a '}{self.allowed()}, "
-                             f"got {value!r}")
+            article = {int: "an ", float: "a ", str: "" if self.pattern_text else "a non-empty "}.get(self.kind, "")
+            raise ParamError(f"{self.name} must be {article}{self.allowed()}, got {value!r}")
         return checked
 
     def _in_range(self, value) -> bool:
@@ -133,8 +136,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("model", str, "ViT-B-32", "open_clip model name (lageo-tiny: the tiny test model)", "model"),
     Param("pretrained", str, "openai", "open_clip weights tag, a local checkpoint path, or none (random weights)",
           "model", optional=True),
-    Param("device", str, "auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "model",
-          pattern=r"auto|cpu|mps|cuda(:\d+)?"),
+    Param("device", str, "auto", "where models run; auto: CUDA, then Apple MPS, then the CPU", "model",
+          pattern=r"auto|cpu|mps|cuda(:\d+)?", pattern_text="auto | cpu | cuda | cuda:N | mps"),
     # training
     Param("strategy", str, "linear_probe", "what fine-tuning trains (see README, Fine-tuning)", "training",
           choices=STRATEGIES),

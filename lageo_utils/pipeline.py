@@ -1,9 +1,11 @@
-"""The papermill pipeline: run notebooks 01..05 into a new run directory, then render the report."""
+"""The papermill pipeline: check everything that can be checked, run notebooks 01..05 into a new run
+directory, then render the report."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import nbformat
@@ -11,13 +13,19 @@ import papermill
 from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
 
-from lageo_utils.regions import PROJECT_ROOT
+from lageo_utils.data import ManifestError
+from lageo_utils.model import WeightsUnavailableError, check_weights
+from lageo_utils.params import ParamError
+from lageo_utils.prompts import region_prompts
+from lageo_utils.regions import PROJECT_ROOT, RegionsError, load_regions
 from lageo_utils.runs import (
     STEPS,
+    RunDir,
     RunError,
     mark_latest,
     new_run_dir,
     outputs_dir,
+    project_path,
     read_params,
     step_done,
     write_params,
@@ -37,13 +45,33 @@ def notebook_parameters(notebook: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(notebook)))
 
 
+def preflight(params: dict) -> None:
+    """Check, before any run directory or notebook, what would otherwise fail late: the region file and the
+    prompts it gives, ``top_k``, the model's weights and (for a manifest data source) the manifest itself.
+
+    ``RunError`` carries the one message naming the file, field or parameter at fault.
+    """
+    from lageo_utils.steps import read_data_manifest  # the same reader step 01 uses
+
+    try:
+        regions = load_regions(project_path(params["regions"]))
+        region_prompts(regions)
+        if params["top_k"] > len(regions):
+            raise ParamError(f"top_k must be <= the number of regions ({len(regions)}), got {params['top_k']}")
+        check_weights(params["model"], params["pretrained"])
+        if params["data_source"] == "manifest":
+            read_data_manifest(params)
+    except (ParamError, RegionsError, ManifestError, WeightsUnavailableError, ValueError) as exc:
+        raise RunError(str(exc)) from None
+
+
 def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = None) -> Path:
     """Execute one notebook with the parameters it declares; its executed copy goes into the run."""
     source = NOTEBOOKS_DIR / f"{step}.ipynb"
     wanted = notebook_parameters(source)
     given = {k: v for k, v in params.items() if k in wanted}
     given["run_dir"] = str(run_dir)
-    target = run_dir / "notebooks" / source.name
+    target = RunDir(run_dir).notebook(step)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         papermill.execute_notebook(str(source), str(target), parameters=given, cwd=str(NOTEBOOKS_DIR),
@@ -72,9 +100,11 @@ def render_report(executed_report: Path, html_path: Path) -> Path:
 def run_pipeline(params: dict, outputs: Path | None = None, kernel_name: str | None = None) -> Path:
     """Run every notebook into a new run directory; mark it ``latest`` only if all succeed.
 
-    Earlier runs are never touched. On failure the run directory keeps the partial output
-    and a ``FAILED.json`` saying which step failed; ``resume_pipeline`` continues it.
+    Earlier runs are never touched. ``preflight`` runs first: a run that cannot succeed leaves
+    nothing behind. On failure the run directory keeps the partial output and a ``FAILED.json``
+    saying which step failed; ``resume_pipeline`` continues it.
     """
+    preflight(params)
     run_dir = new_run_dir(outputs or outputs_dir())
     write_params(run_dir, params)
     return _run_steps(run_dir, params, kernel_name)
@@ -83,25 +113,30 @@ def run_pipeline(params: dict, outputs: Path | None = None, kernel_name: str | N
 def resume_pipeline(run_dir: Path, kernel_name: str | None = None) -> Path:
     """Continue an interrupted or failed run with its own parameters: finished steps are skipped,
     a step that stopped part-way continues (training resumes from ``checkpoints/last.pt``)."""
+    run_dir = RunDir(run_dir)
     if step_done(run_dir, STEPS[-1]):
         raise RunError(f"{run_dir} is complete; start a new run instead")
-    (run_dir / "FAILED.json").unlink(missing_ok=True)
-    return _run_steps(run_dir, read_params(run_dir), kernel_name)
+    params = read_params(run_dir)
+    preflight(params)
+    run_dir.failed.unlink(missing_ok=True)
+    return _run_steps(run_dir, params, kernel_name)
 
 
-def _run_steps(run_dir: Path, params: dict, kernel_name: str | None) -> Path:
+def _run_steps(run_dir: RunDir, params: dict, kernel_name: str | None) -> Path:
     log.info("run directory: %s", run_dir)
     for step in STEPS:
         if step_done(run_dir, step):
             log.info("%s: already done", step)
             continue
         log.info("running %s", step)
+        started = time.perf_counter()
         try:
             run_step(step, run_dir, params, kernel_name=kernel_name)
         except StepFailed as exc:
-            (run_dir / "FAILED.json").write_text(json.dumps({"step": step, "error": str(exc)}, indent=2))
+            run_dir.failed.write_text(json.dumps({"step": step, "error": str(exc)}, indent=2))
             raise
+        log.info("%s: done in %.0f s", step, time.perf_counter() - started)
         if step == STEPS[-1]:
-            render_report(run_dir / "notebooks" / f"{step}.ipynb", run_dir / "report.html")
+            render_report(run_dir.notebook(step), run_dir.report)
     mark_latest(run_dir)
     return run_dir

@@ -6,13 +6,13 @@ Functions return Markdown strings, DataFrames or IPython images; notebook 05 onl
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import yaml
 from IPython.display import Image
 
-MODELS = {"zeroshot": "Zero-shot CLIP", "finetuned": "Fine-tuned CLIP"}
+from lageo_utils.runs import MODEL_LABELS, RunDir
+
 COMPARISON_COLUMNS = {
     "accuracy": "Accuracy",
     "precision_macro": "Precision (macro)",
@@ -29,13 +29,13 @@ def is_demo(params: dict) -> bool:
     return params.get("data_source") == "demo" or str(params.get("pretrained")).lower() in ("none", "null")
 
 
-def load_metrics(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
+def load_metrics(run: RunDir) -> dict:
+    return json.loads(run.metrics.read_text())
 
 
-def header(run: Path, params: dict) -> str:
+def header(run: RunDir, params: dict) -> str:
     """Title, run id and date, with a plain warning at the top of demo reports."""
-    doc = yaml.safe_load((run / "params.yaml").read_text())
+    doc = yaml.safe_load(run.params_file.read_text())
     lines = [
         "# LA County sub-city geolocation with CLIP",
         f"Run `{doc['run_id']}` · created {doc['created_utc']} · model `{params['model']}` "
@@ -55,7 +55,7 @@ def header(run: Path, params: dict) -> str:
 def comparison_table(metrics: dict) -> pd.DataFrame:
     """Zero-shot vs fine-tuned: classification, distance and calibration metrics (95% CI where computed)."""
     rows = {}
-    for key, label in MODELS.items():
+    for key, label in MODEL_LABELS.items():
         m = metrics[key]
         ci = m.get("ci", {})
         row = {col: _with_ci(m[k], ci.get(k)) for k, col in COMPARISON_COLUMNS.items()}
@@ -82,29 +82,29 @@ def comparison_markdown(metrics: dict) -> str:
     )
 
 
-def classification_report(run: Path, model: str) -> str:
+def classification_report(run: RunDir, model: str) -> str:
     """The per-region report in the seed's layout, as written by step 04."""
-    return (run / f"classification_report_{model}.txt").read_text()
+    return run.classification_report(model).read_text()
 
 
-def classification_reports_markdown(run: Path) -> str:
+def classification_reports_markdown(run: RunDir) -> str:
     return "\n\n".join(
-        f"**{label}**\n\n```\n{classification_report(run, key)}\n```" for key, label in MODELS.items()
+        f"**{label}**\n\n```\n{classification_report(run, key)}\n```" for key, label in MODEL_LABELS.items()
     )
 
 
-def figure(run: Path, name: str) -> Image:
+def figure(run: RunDir, name: str) -> Image:
     """A saved figure, embedded in the notebook (and so in the single-file HTML report)."""
-    return Image(filename=str(run / "figures" / f"{name}.png"), embed=True, alt=name.replace("_", " "))
+    return Image(filename=str(run.figure(name)), embed=True, alt=name.replace("_", " "))
 
 
-def training_summary(run: Path) -> pd.Series:
-    return pd.Series(json.loads((run / "train_summary.json").read_text()), name="value", dtype=object)
+def training_summary(run: RunDir) -> pd.Series:
+    return pd.Series(json.loads(run.train_summary.read_text()), name="value", dtype=object)
 
 
-def data_markdown(run: Path) -> str:
-    data = json.loads((run / "data.json").read_text())
-    audit = json.loads((run / "audit.json").read_text())
+def data_markdown(run: RunDir) -> str:
+    data = json.loads(run.data_file.read_text())
+    audit = json.loads(run.audit.read_text())
     counts = " · ".join(f"{k}: {v}" for k, v in data["counts"].items())
     lines = [
         f"Images per split: {counts}.",
@@ -117,8 +117,8 @@ def data_markdown(run: Path) -> str:
     return "\n\n".join(lines)
 
 
-def run_markdown(run: Path, params: dict) -> str:
-    doc = yaml.safe_load((run / "params.yaml").read_text())
+def run_markdown(run: RunDir, params: dict) -> str:
+    doc = yaml.safe_load(run.params_file.read_text())
     prov = doc["provenance"]
     table = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.items())
     versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())

@@ -9,41 +9,127 @@ inputs, so earlier results are never modified.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import platform
 import re
 import secrets
 import shutil
 import subprocess
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import yaml
 
+from lageo_utils.files import atomic_write
+from lageo_utils.params import ParamError, check_params, defaults
 from lageo_utils.regions import PROJECT_ROOT
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 SECRET_PATTERN = re.compile(r"key|token|secret|password", re.IGNORECASE)
-
-# What each notebook step reads and writes inside the run directory.
-STEP_INPUTS: dict[str, list[str]] = {
-    "01_explore_data": [],
-    "02_zero_shot": ["params.yaml", "data.json", "test.csv"],
-    "03_finetune": ["params.yaml", "data.json", "train.csv", "val.csv", "test.csv"],
-    "04_evaluate": ["params.yaml", "data.json", "predictions_zeroshot.parquet", "predictions_finetuned.parquet"],
-    "05_report": ["params.yaml", "metrics.json"],
-}
-STEP_OUTPUTS: dict[str, list[str]] = {
-    "01_explore_data": ["manifest.csv", "train.csv", "val.csv", "test.csv", "audit.json", "data.json"],
-    "02_zero_shot": ["predictions_zeroshot.parquet"],
-    "03_finetune": ["history.csv", "train_summary.json", "predictions_finetuned.parquet"],
-    "04_evaluate": ["classification_report_zeroshot.txt", "classification_report_finetuned.txt", "metrics.json"],
-    "05_report": ["report.html"],
-}
-OPTIONAL_OUTPUTS = {"01_explore_data": ["excluded.csv"]}  # written only when not empty
-STEPS = list(STEP_INPUTS)
 PACKAGES = ["torch", "open_clip_torch", "numpy", "pandas", "scikit-learn", "geopandas", "papermill"]
+
+# The file names of a run directory: spelled here only (steps, report, pipeline and notebooks use RunDir).
+PARAMS, MANIFEST, AUDIT, DATA = "params.yaml", "manifest.csv", "audit.json", "data.json"
+HISTORY, TRAIN_SUMMARY, METRICS = "history.csv", "train_summary.json", "metrics.json"
+REPORT, FAILED = "report.html", "FAILED.json"
+CHECKPOINTS, FIGURES, NOTEBOOKS = "checkpoints", "figures", "notebooks"
+SPLITS = ("train", "val", "test")
+MODEL_LABELS = {"zeroshot": "Zero-shot CLIP", "finetuned": "Fine-tuned CLIP"}  # the prediction tables step 04 compares
+MODELS = tuple(MODEL_LABELS)
+
+
+def split_file(name: str) -> str:
+    """``train``/``val``/``test``/``excluded`` -> its manifest file name."""
+    return f"{name}.csv"
+
+
+def predictions_file(model: str) -> str:
+    return f"predictions_{model}.parquet"
+
+
+def classification_report_file(model: str) -> str:
+    return f"classification_report_{model}.txt"
+
+
+@dataclass(frozen=True)
+class StepFiles:
+    """What one notebook step reads and writes inside the run directory."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    optional: tuple[str, ...] = ()  # written only when not empty
+
+
+STEP_FILES: dict[str, StepFiles] = {
+    "01_explore_data": StepFiles((), (MANIFEST, *map(split_file, SPLITS), AUDIT, DATA), (split_file("excluded"),)),
+    "02_zero_shot": StepFiles((PARAMS, DATA, split_file("test")), (predictions_file("zeroshot"),)),
+    "03_finetune": StepFiles((PARAMS, DATA, *map(split_file, SPLITS)),
+                             (HISTORY, TRAIN_SUMMARY, predictions_file("finetuned"))),
+    "04_evaluate": StepFiles((PARAMS, DATA, *map(predictions_file, MODELS)),
+                             (*map(classification_report_file, MODELS), METRICS)),
+    "05_report": StepFiles((PARAMS, METRICS), (REPORT,)),
+}
+STEPS = list(STEP_FILES)
+
+
+class RunDir(type(Path())):  # type(Path()): the concrete Path class of this platform, which can be subclassed
+    """A run directory (a ``Path``) that names the files its steps read and write."""
+
+    @property
+    def params_file(self) -> Path:
+        return self / PARAMS
+
+    @property
+    def manifest(self) -> Path:
+        return self / MANIFEST
+
+    def split(self, name: str) -> Path:
+        return self / split_file(name)
+
+    @property
+    def audit(self) -> Path:
+        return self / AUDIT
+
+    @property
+    def data_file(self) -> Path:
+        return self / DATA
+
+    def predictions(self, model: str) -> Path:
+        return self / predictions_file(model)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self / CHECKPOINTS
+
+    @property
+    def history(self) -> Path:
+        return self / HISTORY
+
+    @property
+    def train_summary(self) -> Path:
+        return self / TRAIN_SUMMARY
+
+    @property
+    def metrics(self) -> Path:
+        return self / METRICS
+
+    def classification_report(self, model: str) -> Path:
+        return self / classification_report_file(model)
+
+    def figure(self, name: str) -> Path:
+        return self / FIGURES / f"{name}.png"
+
+    def notebook(self, step: str) -> Path:
+        return self / NOTEBOOKS / f"{step}.ipynb"
+
+    @property
+    def report(self) -> Path:
+        return self / REPORT
+
+    @property
+    def failed(self) -> Path:
+        return self / FAILED
 
 
 class RunError(RuntimeError):
@@ -61,27 +147,27 @@ def project_path(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def new_run_dir(outputs: Path | None = None) -> Path:
+def new_run_dir(outputs: Path | None = None) -> RunDir:
     """Create a fresh, empty run directory; never reuses an existing one."""
     root = (outputs or outputs_dir()) / "runs"
     root.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = root / f"{stamp}-{secrets.token_hex(3)}"
+    path = RunDir(root / f"{stamp}-{secrets.token_hex(3)}")
     path.mkdir(exist_ok=False)
     return path
 
 
-def resolve_run_dir(run_dir: str | os.PathLike | None = None) -> Path:
+def resolve_run_dir(run_dir: str | os.PathLike | None = None) -> RunDir:
     """``None``/``latest``: the run ``outputs/latest`` names; otherwise a path (relative to the project)."""
     if run_dir is None or str(run_dir) == "latest":
         latest = outputs_dir() / "latest"
         if not latest.exists():
             raise RunError(f"no run yet: {latest} does not exist. Run `lageo run --profile demo` (or notebook 01) first.")
-        return latest.resolve()
+        return RunDir(latest.resolve())
     path = project_path(run_dir)
     if not path.is_dir():
         raise RunError(f"run directory {path} does not exist")
-    return path
+    return RunDir(path)
 
 
 def mark_latest(run_dir: Path) -> None:
@@ -92,26 +178,47 @@ def mark_latest(run_dir: Path) -> None:
     os.replace(tmp, latest)
 
 
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
 def load_profile(name: str) -> dict:
+    """A profile's values (checked against the parameter schema)."""
     path = PROFILES_DIR / f"{name}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        raise RunError(f"unknown profile {name!r}; known profiles: {known}")
-    return yaml.safe_load(path.read_text())
+        raise RunError(f"unknown profile {name!r}; known profiles: {profile_names()}")
+    return _checked(yaml.safe_load(path.read_text()) or {}, f"profile {name!r} ({path})")
 
 
 def resolve_params(profile: str = "demo", config: str | os.PathLike | None = None,
                    overrides: dict | None = None) -> dict:
-    """Profile defaults, then a YAML config file, then ``-p NAME VALUE`` overrides."""
-    params = load_profile(profile)
+    """Every parameter: declared defaults, then the profile, then a YAML config file, then ``-p NAME VALUE``.
+
+    Each source is checked against the schema (``lageo_utils.params``); ``RunError`` names the
+    source, the parameter and the value.
+    """
+    params = {**defaults(), **load_profile(profile)}
     if config is not None:
-        extra = yaml.safe_load(project_path(config).read_text()) or {}
+        path = project_path(config)
+        try:
+            extra = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise RunError(f"{config}: cannot read the config file ({exc.strerror or exc})") from None
+        except yaml.YAMLError as exc:
+            raise RunError(f"{config}: not valid YAML ({exc})") from None
         if not isinstance(extra, dict):
             raise RunError(f"{config}: a config file must be a YAML mapping of parameter names to values")
-        params.update(extra)
-    params.update(overrides or {})
-    check_no_secrets(params)
+        params.update(_checked(extra, f"config file {config}"))
+    params.update(_checked(overrides or {}, "-p"))
     return params
+
+
+def _checked(values: dict, source: str) -> dict:
+    check_no_secrets(values)
+    try:
+        return check_params(values)
+    except ParamError as exc:
+        raise RunError(f"{source}: {exc}") from None
 
 
 def check_no_secrets(params: dict) -> None:
@@ -131,22 +238,20 @@ def write_params(run_dir: Path, params: dict, parent: Path | None = None) -> Pat
     }
     if parent is not None:
         doc["parent_run"] = parent.name
-    path = run_dir / "params.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return atomic_write(RunDir(run_dir).params_file, lambda tmp: tmp.write_text(yaml.safe_dump(doc, sort_keys=False)))
 
 
 def update_params(run_dir: Path, params: dict) -> None:
     """Replace the ``params`` of a run's ``params.yaml``, keeping its id, date, provenance and parent."""
-    path = run_dir / "params.yaml"
+    path = RunDir(run_dir).params_file
     doc = yaml.safe_load(path.read_text())
     doc["params"] = params
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    atomic_write(path, lambda tmp: tmp.write_text(yaml.safe_dump(doc, sort_keys=False)))
 
 
 def read_params(run_dir: Path) -> dict:
     """The ``params`` mapping of a run."""
-    path = run_dir / "params.yaml"
+    path = RunDir(run_dir).params_file
     if not path.exists():
         raise RunError(f"{path} is missing: was this run started by `lageo run` or notebook 01?")
     return yaml.safe_load(path.read_text())["params"]
@@ -168,27 +273,19 @@ def provenance() -> dict:
     return {"versions": versions, "platform": platform.platform(), "git_commit": commit}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def start_step(step: str, run_dir: str | os.PathLike | None) -> Path:
+def start_step(step: str, run_dir: str | os.PathLike | None) -> RunDir:
     """The run directory a notebook step should read from and write to.
 
     Checks the step's inputs exist (an error names each missing file and the notebook that
     makes it). If this step already finished there, forks a new run with the parent's inputs so
     the finished run is never modified; a step that stopped part-way continues in place.
     """
-    if step not in STEP_INPUTS:
+    if step not in STEP_FILES:
         raise RunError(f"unknown step {step!r}; steps: {STEPS}")
     run = resolve_run_dir(run_dir)
-    missing = [f for f in STEP_INPUTS[step] if not (run / f).exists()]
+    missing = [f for f in STEP_FILES[step].inputs if not (run / f).exists()]
     if missing:
-        makers = {f: next((s for s, outs in STEP_OUTPUTS.items() if f in outs), "lageo run") for f in missing}
+        makers = {f: next((s for s, files in STEP_FILES.items() if f in files.outputs), "lageo run") for f in missing}
         listing = ", ".join(f"{f} (made by {m})" for f, m in makers.items())
         raise RunError(f"{run} lacks the inputs of {step}: {listing}")
     return fork_run(run, step) if step_done(run, step) else run
@@ -196,23 +293,24 @@ def start_step(step: str, run_dir: str | os.PathLike | None) -> Path:
 
 def step_done(run: Path, step: str) -> bool:
     """Whether every output of ``step`` exists in ``run``."""
-    return all((run / f).exists() for f in STEP_OUTPUTS[step])
+    return all((run / f).exists() for f in STEP_FILES[step].outputs)
 
 
-def fork_run(parent: Path, step: str) -> Path:
+def fork_run(parent: Path, step: str) -> RunDir:
     """A new run holding copies of the parent's files made by the steps before ``step``."""
+    parent = RunDir(parent)
     child = new_run_dir(parent.parent.parent)
     earlier = STEPS[: STEPS.index(step)]
-    keep = {f for s in earlier for f in STEP_OUTPUTS[s] + OPTIONAL_OUTPUTS.get(s, [])}
+    keep = {f for s in earlier for f in STEP_FILES[s].outputs + STEP_FILES[s].optional}
     for name in sorted(keep):
         if (parent / name).exists():
             shutil.copy2(parent / name, child / name)
-    if "03_finetune" in earlier and (parent / "checkpoints").is_dir():
-        shutil.copytree(parent / "checkpoints", child / "checkpoints")
+    if "03_finetune" in earlier and parent.checkpoints.is_dir():
+        shutil.copytree(parent.checkpoints, child.checkpoints)
     # Figures are named after the step that drew them ("04_confusion_...").
-    for figure in sorted((parent / "figures").glob("*.png")):
+    for figure in sorted((parent / FIGURES).glob("*.png")):
         if any(figure.name.startswith(s[:3]) for s in earlier):
-            (child / "figures").mkdir(exist_ok=True)
-            shutil.copy2(figure, child / "figures" / figure.name)
+            (child / FIGURES).mkdir(exist_ok=True)
+            shutil.copy2(figure, child / FIGURES / figure.name)
     write_params(child, read_params(parent), parent=parent)
     return child

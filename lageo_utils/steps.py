@@ -1,7 +1,7 @@
 """What each notebook does, as plain functions: notebooks call these and display the results.
 
 Every step reads the files the previous steps wrote into the run directory and writes its
-own (see ``lageo_utils.runs.STEP_INPUTS``/``STEP_OUTPUTS``), so any notebook can start from
+own (``lageo_utils.runs.STEP_FILES``; ``RunDir`` names them), so any notebook can start from
 the step before it.
 """
 
@@ -15,16 +15,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from lageo_utils.data import read_manifest, read_table, write_manifest
+from lageo_utils.data import ManifestError, read_manifest, read_table, write_manifest
+from lageo_utils.files import atomic_write, sha256_file
+from lageo_utils.logs import configure_logging
+from lageo_utils.params import check_params
 from lageo_utils.regions import load_regions
 from lageo_utils.runs import (
+    MODEL_LABELS,
+    MODELS,
+    SPLITS,
+    RunDir,
     fork_run,
     new_run_dir,
     outputs_dir,
     project_path,
     read_params,
     resolve_params,
-    sha256_file,
     start_step,
     step_done,
     update_params,
@@ -32,23 +38,25 @@ from lageo_utils.runs import (
 )
 
 log = logging.getLogger(__name__)
-SPLIT_NAMES = ("train", "val", "test")
 
 
-def open_step(step: str, run_dir: str | os.PathLike | None, profile: str = "demo", **overrides) -> tuple[Path, dict]:
+def open_step(step: str, run_dir: str | os.PathLike | None, profile: str = "demo", **overrides) -> tuple[RunDir, dict]:
     """The run directory and parameters for a notebook step.
 
     Notebook parameters left at ``None`` inherit the run's ``params.yaml``; others override it
-    (and are recorded there). Step 01 with no ``run_dir`` starts a new run from ``profile``.
+    (and are recorded there) after a check against the parameter schema, so a wrong name, type
+    or value stops the notebook in its first cell. Step 01 with no ``run_dir`` starts a new run
+    from ``profile``.
     """
-    given = {k: v for k, v in overrides.items() if v is not None}
+    configure_logging()
+    given = check_params({k: v for k, v in overrides.items() if v is not None})
     if step == "01_explore_data":
         if run_dir is None:
+            params = resolve_params(profile, overrides=given)  # checked before the run directory exists
             run = new_run_dir()
-            params = resolve_params(profile, overrides=given)
             write_params(run, params)
             return run, params
-        run = project_path(run_dir)
+        run = RunDir(project_path(run_dir))
         if step_done(run, step):
             run = fork_run(run, step)
     else:
@@ -64,54 +72,74 @@ def regions_of(params: dict):
     return load_regions(project_path(params["regions"]))
 
 
-def image_root(run: Path) -> Path:
-    return Path(json.loads((run / "data.json").read_text())["image_root"])
+def image_root(run: RunDir) -> Path:
+    return Path(json.loads(run.data_file.read_text())["image_root"])
 
 
-def load_split(run: Path, name: str) -> pd.DataFrame:
-    """A split (or ``manifest``) of the run as a DataFrame."""
-    return read_table(run / f"{name}.csv")
+def load_split(run: RunDir, name: str) -> pd.DataFrame:
+    """A split of the run as a DataFrame."""
+    return read_table(run.split(name))
+
+
+def write_json(path: Path, doc: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2, default=str)))
 
 
 # --- 01: data -------------------------------------------------------------------------------
 
-def prepare_data(run: Path, params: dict) -> dict:
+def data_manifest_path(params: dict) -> tuple[Path, Path]:
+    """The image root and the manifest file the parameters name."""
+    if params["data_source"] == "demo":
+        data_dir = demo_data_dir(params)
+        return data_dir, data_dir / "manifest.csv"
+    if params.get("data_dir") is None:
+        raise ManifestError("data_source is 'manifest' but data_dir is not set (-p data_dir FOLDER)")
+    data_dir = project_path(params["data_dir"])
+    manifest = data_dir / params["manifest"]
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: manifest not found (data_dir {params['data_dir']!r}, manifest "
+                            f"{params['manifest']!r}); collect or import images first (docs/data-collection.md) "
+                            "or point -p data_dir at the folder that holds them")
+    return data_dir, manifest
+
+
+def read_data_manifest(params: dict):
+    """The run's manifest, labelled and validated (``ManifestError`` names the file, row and field)."""
+    data_dir, manifest_path = data_manifest_path(params)
+    manifest, report = read_manifest(manifest_path, regions_of(params), image_root=data_dir,
+                                     dedupe=bool(params["dedupe"]))
+    return data_dir, manifest_path, manifest, report
+
+
+def prepare_data(run: RunDir, params: dict) -> dict:
     """Build or read the manifest, sample, split and audit; write manifest.csv, splits, audit.json, data.json."""
     from lageo_utils.sampling import area_normalized_sample, sampling_summary
     from lageo_utils.splits import audit_leakage, split
 
     regions = regions_of(params)
-    if params["data_source"] == "demo":
-        data_dir = demo_data_dir(params)
-        manifest_path = data_dir / "manifest.csv"
-    elif params["data_source"] == "manifest":
-        data_dir = project_path(params["data_dir"])
-        manifest_path = data_dir / params.get("manifest", "manifest.csv")
-    else:
-        raise ValueError(f"data_source must be 'demo' or 'manifest', not {params['data_source']!r}")
-    manifest, report = read_manifest(manifest_path, regions, image_root=data_dir)
+    data_dir, manifest_path, manifest, report = read_data_manifest(params)
     if report.missing_files:
         manifest = manifest[~manifest["image_path"].isin(report.missing_files)].reset_index(drop=True)
     summary = sampling_summary(manifest, regions)
-    if params.get("area_normalize"):
+    if params["area_normalize"]:
         manifest = area_normalized_sample(manifest, regions, seed=params["split_seed"])
-    parts = split(manifest, params["split_strategy"], seed=params["split_seed"], buffer_m=params.get("buffer_m") or 0)
-    write_manifest(manifest, run / "manifest.csv")
+    parts = split(manifest, params["split_strategy"], seed=params["split_seed"], buffer_m=params["buffer_m"])
+    write_manifest(manifest, run.manifest)
     for name, part in parts.items():
-        if name in SPLIT_NAMES or len(part):
-            write_manifest(part, run / f"{name}.csv")
-    audit = audit_leakage(parts["train"], parts["test"])
-    (run / "audit.json").write_text(json.dumps(audit, indent=2))
+        if name in SPLITS or len(part):
+            write_manifest(part, run.split(name))
+    write_json(run.audit, audit_leakage(parts["train"], parts["test"]))
     data = {
         "image_root": str(data_dir),
         "source_manifest": str(manifest_path),
         "counts": {name: len(part) for name, part in parts.items()},
-        "sha256": {f"{name}.csv": sha256_file(run / f"{name}.csv") for name in ("manifest", *SPLIT_NAMES)},
+        "sha256": {path.name: sha256_file(path) for path in (run.manifest, *map(run.split, SPLITS))},
         "sampling": summary.reset_index().to_dict(orient="records"),
         "manifest_report": report.messages(),
         "missing_files": report.missing_files,
     }
-    (run / "data.json").write_text(json.dumps(data, indent=2, default=str))
+    write_json(run.data_file, data)
+    log.info("data: %s", ", ".join(f"{k} {v}" for k, v in data["counts"].items()))
     return data
 
 
@@ -131,9 +159,9 @@ def demo_data_dir(params: dict) -> Path:
     return target
 
 
-def load_labelled_splits(run: Path) -> pd.DataFrame:
+def load_labelled_splits(run: RunDir) -> pd.DataFrame:
     """train, val and test stacked, with a ``split`` column."""
-    return pd.concat([load_split(run, s).assign(split=s) for s in SPLIT_NAMES], ignore_index=True)
+    return pd.concat([load_split(run, s).assign(split=s) for s in SPLITS], ignore_index=True)
 
 
 def split_table(labelled: pd.DataFrame, regions) -> pd.DataFrame:
@@ -141,18 +169,18 @@ def split_table(labelled: pd.DataFrame, regions) -> pd.DataFrame:
     names = dict(zip(regions["id"], regions["name"]))
     table = pd.crosstab(labelled["region_id"].map(names), labelled["split"], margins=True, margins_name="total")
     order = [n for n in regions["name"] if n in table.index] + ["total"]
-    return table.reindex(index=order, columns=[*SPLIT_NAMES, "total"], fill_value=0)
+    return table.reindex(index=order, columns=[*SPLITS, "total"], fill_value=0)
 
 
-def show(fig, run: Path, name: str):
+def show(fig, run: RunDir, name: str):
     """Save a figure as ``figures/<name>.png`` in the run and return it for display."""
     from lageo_utils.figures import save_figure
 
-    save_figure(fig, run / "figures" / f"{name}.png")
+    save_figure(fig, run.figure(name))
     return fig
 
 
-def data_figures(run: Path, params: dict) -> dict:
+def data_figures(run: RunDir, params: dict) -> dict:
     """Step 01's figures: split counts, the capture-point map, headings, example images."""
     from lageo_utils import figures, maps
 
@@ -181,20 +209,20 @@ def load_model(params: dict):
     from lageo_utils.model import load_clip
 
     torch.manual_seed(params["seed"])
-    return load_clip(params["model"], params["pretrained"], device=params.get("device", "auto"))
+    return load_clip(params["model"], params["pretrained"], device=params["device"])
 
 
-def zero_shot(run: Path, params: dict) -> pd.DataFrame:
+def zero_shot(run: RunDir, params: dict) -> pd.DataFrame:
     """Zero-shot predictions on the test split; writes ``predictions_zeroshot.parquet``."""
     from lageo_utils.predict import GeoPredictor, predict_manifest
 
     regions = regions_of(params)
     model, preprocess, tokenizer = load_model(params)
-    predictor = GeoPredictor(model, preprocess, tokenizer, regions, device=params.get("device", "auto"),
-                             model_name=params["model"])
+    predictor = GeoPredictor(model, preprocess, tokenizer, regions, device=params["device"], model_name=params["model"])
     predictions = predict_manifest(predictor, load_split(run, "test"), image_root(run), batch_size=params["batch_size"],
                                    top_k=params["top_k"], cache_dir=embedding_cache_dir())
-    predictions.to_parquet(run / "predictions_zeroshot.parquet", index=False)
+    predictions.to_parquet(run.predictions("zeroshot"), index=False)
+    log.info("zero-shot: %d test images, accuracy %.3f", len(predictions), predictions["correct"].mean())
     return predictions
 
 
@@ -211,7 +239,7 @@ def quick_summary(predictions: pd.DataFrame) -> pd.Series:
 
 # --- 03: fine-tuning --------------------------------------------------------------------------
 
-def finetune(run: Path, params: dict) -> dict:
+def finetune(run: RunDir, params: dict) -> dict:
     """Fine-tune on train, select on val, predict test with the best checkpoint.
 
     Writes ``checkpoints/``, ``history.csv``, ``train_summary.json`` and
@@ -222,33 +250,35 @@ def finetune(run: Path, params: dict) -> dict:
 
     regions = regions_of(params)
     config = TrainConfig(strategy=params["strategy"], model_name=params["model"], pretrained=params["pretrained"],
-                         epochs=int(params["epochs"]), lr=params.get("lr"), batch_size=int(params["batch_size"]),
-                         seed=int(params["seed"]))
-    checkpoints = run / "checkpoints"
+                         **{name: params[name] for name in TRAIN_PARAMS})
     clip = load_model(params)
-    result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), checkpoints,
-                   config, device=params.get("device", "auto"), cache_dir=embedding_cache_dir(),
-                   resume=(checkpoints / "last.pt").exists(), clip=clip)
-    for name in ("history.csv", "train_summary.json"):
-        shutil.copy2(result.out_dir / name, run / name)
-    predictor = load_finetuned(result.best_checkpoint, regions, device=params.get("device", "auto"), clip=clip)
+    result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), run.checkpoints,
+                   config, device=params["device"], cache_dir=embedding_cache_dir(),
+                   resume=(run.checkpoints / "last.pt").exists(), clip=clip)
+    shutil.copy2(result.out_dir / run.history.name, run.history)
+    shutil.copy2(result.out_dir / run.train_summary.name, run.train_summary)
+    predictor = load_finetuned(result.best_checkpoint, regions, device=params["device"], clip=clip)
     predictions = predict_manifest(predictor, load_split(run, "test"), image_root(run),
                                    batch_size=params["batch_size"], top_k=params["top_k"],
                                    cache_dir=embedding_cache_dir())
-    predictions.to_parquet(run / "predictions_finetuned.parquet", index=False)
+    predictions.to_parquet(run.predictions("finetuned"), index=False)
+    log.info("fine-tuned (%s): best epoch %d, validation accuracy %.3f", config.strategy,
+             result.summary["best_epoch"], result.summary["best_val_acc"])
     return result.summary
+
+
+# Run parameters that TrainConfig takes under the same name.
+TRAIN_PARAMS = ("epochs", "lr", "batch_size", "grad_accum_steps", "weight_decay", "warmup_fraction", "max_grad_norm",
+                "unfreeze_blocks", "augment", "patience", "num_workers", "embed_batch_size", "seed")
 
 
 # --- 04: evaluation ---------------------------------------------------------------------------
 
-MODEL_NAMES = {"zeroshot": "Zero-shot CLIP", "finetuned": "Fine-tuned CLIP"}
+def load_predictions(run: RunDir) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(run.predictions(name)) for name in MODELS}
 
 
-def load_predictions(run: Path) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_parquet(run / f"predictions_{name}.parquet") for name in MODEL_NAMES}
-
-
-def evaluate(run: Path, params: dict) -> tuple[dict, dict]:
+def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
     """Metrics with bootstrap CIs, classification reports and figures for both models.
 
     ``metrics.json`` is written last, so its presence means the step finished.
@@ -258,38 +288,37 @@ def evaluate(run: Path, params: dict) -> tuple[dict, dict]:
 
     regions = regions_of(params)
     predictions = load_predictions(run)
-    counts = json.loads((run / "data.json").read_text())["counts"]
+    counts = json.loads(run.data_file.read_text())["counts"]
     doc = metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, params,
-                       {k: counts[k] for k in SPLIT_NAMES}, n_boot=int(params.get("n_boot") or 1000),
-                       seed=int(params["seed"]))
+                       {k: counts[k] for k in SPLITS}, n_boot=params["n_boot"], seed=params["seed"])
     for name, preds in predictions.items():
-        (run / f"classification_report_{name}.txt").write_text(classification_report_text(preds, regions))
+        run.classification_report(name).write_text(classification_report_text(preds, regions))
     figures = evaluation_figures(run, params, doc, predictions)
-    (run / "metrics.json").write_text(json.dumps(doc, indent=2))
+    write_json(run.metrics, doc)
     return doc, figures
 
 
-def evaluation_figures(run: Path, params: dict, metrics: dict, predictions: dict[str, pd.DataFrame]) -> dict:
+def evaluation_figures(run: RunDir, params: dict, metrics: dict, predictions: dict[str, pd.DataFrame]) -> dict:
     """Step 04's figures for both models: comparison, per-region F1, confusion, maps, calibration, examples."""
     from lageo_utils import figures, maps
     from lageo_utils.metrics import confusion, reliability_table
 
     regions = regions_of(params)
-    labelled = {MODEL_NAMES[k]: metrics[k] for k in MODEL_NAMES}
+    labelled = {MODEL_LABELS[k]: metrics[k] for k in MODEL_LABELS}
     made = {"04_comparison": figures.comparison_bar(labelled),
             "04_per_region_f1": figures.per_region_bars(labelled, regions)}
     for name, preds in predictions.items():
-        label = MODEL_NAMES[name]
+        label = MODEL_LABELS[name]
         made[f"04_confusion_{name}"] = figures.confusion_matrix_figure(confusion(preds, regions), f"{label}: confusion")
-        made[f"04_error_map_{name}"] = maps.error_map(preds, regions, seed=int(params["seed"]))
+        made[f"04_error_map_{name}"] = maps.error_map(preds, regions, seed=params["seed"])
         made[f"04_region_error_{name}"] = maps.region_error_map(preds, regions)
         made[f"04_reliability_{name}"] = figures.reliability_diagram(reliability_table(preds), metrics[name]["ece"],
                                                                      f"{label}: reliability")
-        made[f"04_examples_{name}"] = figures.example_grid(preds, image_root(run), regions, seed=int(params["seed"]))
+        made[f"04_examples_{name}"] = figures.example_grid(preds, image_root(run), regions, seed=params["seed"])
     return {name: show(fig, run, name) for name, fig in made.items()}
 
 
-def explorer(run: Path, params: dict):
+def explorer(run: RunDir, params: dict):
     """The interactive explorer widget (needs a live kernel)."""
     from lageo_utils.explorer import PredictionExplorer
 

@@ -65,15 +65,19 @@ def test_bad_manifests_name_the_problem(regions, frame, message):
         prepare_manifest(pd.DataFrame(frame), regions, name="m.csv")
 
 
-def test_duplicates_and_missing_files_are_listed_not_fatal(regions, tmp_path):
+def test_repeated_rows_are_refused_unless_deduped_and_missing_files_listed(regions, tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
-    df = pd.DataFrame({"image_path": ["a.jpg", "a.jpg", "gone.jpg"], "latitude": [34.045] * 3,
+    df = pd.DataFrame({"image_path": ["a.jpg", "gone.jpg", "a.jpg"], "latitude": [34.045] * 3,
                        "longitude": [-118.25] * 3})
-    manifest, report = prepare_manifest(df, regions, image_root=tmp_path)
-    assert len(manifest) == 3
+    with pytest.raises(ManifestError, match=r"m.csv: 1 repeated image_path values, e.g. 'a.jpg' in data rows \[1, 3\].*"
+                                            r"--dedupe"):
+        prepare_manifest(df, regions, image_root=tmp_path, name="m.csv")
+    manifest, report = prepare_manifest(df, regions, image_root=tmp_path, dedupe=True)
+    assert manifest["image_path"].tolist() == ["a.jpg", "gone.jpg"]
     assert report.duplicates == ["a.jpg"]
     assert report.missing_files == ["gone.jpg"]
     assert any("do not exist" in m for m in report.messages())
+    assert any("1 repeated image_path rows removed" in m for m in report.messages())
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -92,3 +96,66 @@ def test_read_manifest_detects_authors_format(reference_dir, regions):
     assert len(manifest) == 1363 and manifest["source"].eq("streetview").all()
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(reference_dir / "nope.csv", regions)
+
+
+# --- what researchers' real files look like ---------------------------------------------------------------------
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"m.csv: the file is empty"),
+        (b"image_path,latitude,longitude\n", r"m.csv: has a header \(image_path, latitude, longitude\) but no rows"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"m.csv: a binary file, not a CSV table"),
+        (b"image_path,latitude,longitude\na.jpg,,-118.25\n", r"'latitude' is missing.*data rows \[1\]"),
+        (b"image_path,latitude,longitude\na.jpg,134.05,-118.25\n", r"'latitude'.*outside \[-90, 90\].*data rows \[1\]"),
+        (b"image_path,latitude,longitude\n ,34.05,-118.25\n", r"column 'image_path' is empty in data rows \[1\]"),
+    ],
+)
+def test_unusable_files_name_file_row_and_field(regions, tmp_path, content, message):
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(_write(tmp_path / "m.csv", content), regions)
+
+
+def test_a_folder_or_an_unknown_type_is_named(regions, tmp_path):
+    with pytest.raises(ManifestError, match="is a folder"):
+        read_manifest(tmp_path, regions)
+    with pytest.raises(ManifestError, match=r"unsupported manifest type '.json'"):
+        read_manifest(_write(tmp_path / "m.json", b"{}"), regions)
+    with pytest.raises(ManifestError, match=r"m.parquet: not a readable parquet table"):
+        read_manifest(_write(tmp_path / "m.parquet", b"not parquet at all"), regions)
+
+
+def test_excel_exports_are_read(regions, tmp_path):
+    """Windows-1252 text, a UTF-8 BOM, semicolons with decimal commas, capitalised headers, paths with spaces."""
+    cp1252 = "image_path,latitude,longitude,notes\nphotos/café one.jpg,34.045,-118.25,façade\n".encode("cp1252")
+    manifest, _ = read_manifest(_write(tmp_path / "a.csv", cp1252), regions)
+    assert manifest.loc[0, "image_path"] == "photos/café one.jpg" and manifest.loc[0, "notes"] == "façade"
+
+    european = "\ufeffImage_Path;Latitude;Longitude\nmy photos/a b.jpg ;34,045;-118,25\n".encode()
+    manifest, _ = read_manifest(_write(tmp_path / "b.csv", european), regions)
+    assert manifest.loc[0, "image_path"] == "my photos/a b.jpg"
+    assert manifest.loc[0, "latitude"] == pytest.approx(34.045) and manifest.loc[0, "region_id"] == "downtown_la"
+
+    tsv = b"image_path\tlatitude\tlongitude\na.jpg\t34.045\t-118.25\n"
+    assert len(read_manifest(_write(tmp_path / "c.tsv", tsv), regions)[0]) == 1
+
+    pd.DataFrame({"image_path": ["x y.jpg"], "latitude": [34.045], "longitude": [-118.25]}).to_excel(
+        tmp_path / "d.xlsx", index=False)
+    manifest, _ = read_manifest(tmp_path / "d.xlsx", regions)
+    assert manifest.loc[0, "image_path"] == "x y.jpg" and manifest.loc[0, "region_id"] == "downtown_la"
+
+
+def test_cli_bad_manifest_exits_2_without_traceback(tmp_path, capsys):
+    from lageo_utils.cli import main
+
+    bad = _write(tmp_path / "m.csv", b"image_path,latitude,longitude\na.jpg,34.05,-118.25\na.jpg,34.05,-118.25\n")
+    assert main(["data", "split", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "repeated image_path values" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "split", str(bad), "--out", str(tmp_path / "out"), "--dedupe"]) == 0

@@ -113,7 +113,9 @@ def test_notebook_alone_with_papermill_forks_a_new_run(demo_run, env):
 def test_failing_notebook_stops_and_leaves_earlier_runs_intact(demo_run, env):
     outputs = Path(env["LAGEO_OUTPUTS"])
     latest_before = (outputs / "latest").resolve()
-    result = lageo("run", "--profile", "demo", *REDUCED, "-p", "strategy", "bogus", env=env, check=False)
+    # A value the schema accepts but the model cannot honour: the tiny encoder has fewer blocks.
+    result = lageo("run", "--profile", "demo", *REDUCED, "-p", "strategy", "partial", "-p", "unfreeze_blocks", "99",
+                   env=env, check=False)
     assert result.returncode != 0
     assert "03_finetune.ipynb failed in cell" in result.stderr and "partial output" in result.stderr
     assert (outputs / "latest").resolve() == latest_before
@@ -128,7 +130,7 @@ def test_failed_run_resumes_with_finished_steps_kept(demo_run, env):
     outputs = Path(env["LAGEO_OUTPUTS"])
     failed = next(p for p in (outputs / "runs").iterdir() if (p / "FAILED.json").exists())
     kept = {name: (failed / name).read_bytes() for name in ("train.csv", "test.csv", "predictions_zeroshot.parquet")}
-    update_params(failed, {**read_params(failed), "strategy": "linear_probe"})  # the user fixes the cause
+    update_params(failed, {**read_params(failed), "strategy": "linear_probe", "unfreeze_blocks": 2})  # the fix
     result = lageo("run", "--resume", str(failed), env=env)
     assert "02_zero_shot: already done" in result.stderr and "running 03_finetune" in result.stderr
     assert {name: (failed / name).read_bytes() for name in kept} == kept

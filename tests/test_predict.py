@@ -253,3 +253,13 @@ def test_cli_predicts_with_a_finetuned_checkpoint(capsys, regions, photos, tmp_p
     assert out[0]["top_pred_gps"] == [list(g) for g in expected_gps]
     assert out[0]["top_pred_prob"] == pytest.approx(expected_probs)
     assert set(out[0]["top_regions"]) <= set(four["id"])
+
+
+def test_a_region_without_a_field_the_template_needs_is_named(regions):
+    from lageo_utils.regions import RegionsError
+
+    broken = regions.copy()
+    broken.loc[2, "description"] = ""
+    with pytest.raises(RegionsError, match=rf"region '{broken.loc[2, 'id']}' has no 'description', which the prompt"):
+        region_prompts(broken)
+    assert len(region_prompts(broken, ["A street in {name}"])) == len(broken)  # a template without it is fine

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import pkgutil
 import sys
 
 from lageo_utils import __version__
+from lageo_utils.logs import configure_logging
 
 
 class CommandError(Exception):
@@ -24,7 +24,8 @@ class CommandError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lageo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lageo {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every library's log lines and warnings (also in the notebooks' kernels)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
@@ -39,17 +40,9 @@ def print_json(obj) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        logging.getLogger("papermill").setLevel(logging.WARNING)  # one line per notebook is enough
+    configure_logging(args.verbose or None)
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
         print(f"lageo {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-

@@ -47,6 +47,8 @@ def _add_manifest_options(parser) -> None:
                         help="labelled rows outside their region box")
     parser.add_argument("--unlabeled", choices=["drop", "fail"], default="drop",
                         help="unlabelled rows outside every region box")
+    parser.add_argument("--dedupe", action="store_true",
+                        help="keep the first of repeated image paths (default: refuse the manifest)")
 
 
 def _load(args, path):
@@ -56,7 +58,8 @@ def _load(args, path):
     try:
         regions = load_regions(getattr(args, "regions", None))
         manifest, report = read_manifest(
-            path, regions, outside=getattr(args, "outside", "keep"), unlabeled=getattr(args, "unlabeled", "drop")
+            path, regions, outside=getattr(args, "outside", "keep"), unlabeled=getattr(args, "unlabeled", "drop"),
+            dedupe=getattr(args, "dedupe", False),
         )
     except (ManifestError, RegionsError) as exc:
         raise CommandError(str(exc)) from None

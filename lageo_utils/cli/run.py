@@ -68,7 +68,7 @@ def _report(args) -> int:
     try:
         run_dir = start_step("05_report", args.run_dir)  # a finished run is forked, never rewritten
         executed = run_step("05_report", run_dir, read_params(run_dir))
-        html = render_report(executed, run_dir / "report.html")
+        html = render_report(executed, run_dir.report)
         mark_latest(run_dir)
     except RunError as exc:
         raise CommandError(str(exc)) from None
