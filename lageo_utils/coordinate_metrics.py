@@ -99,7 +99,8 @@ def risk_coverage(table: pd.DataFrame, thresholds_km: Sequence[float] = COORDINA
     ``ceil(c * n)`` of them, for c = 1/points, ..., 1. ``aurc`` is the area under the
     risk-coverage curve with risk = 1 - ACC@t, computed exactly (the mean selective risk over
     every number of kept answers; lower is better); ``aurc_median_error_km`` is the mean of the
-    median error over the coverage grid.
+    median error over the coverage grid. With a ``correct`` column (region right) the region
+    ``accuracy`` is traced too.
     """
     errors = _errors(table, name)
     if "confidence" not in table.columns:
@@ -112,7 +113,7 @@ def risk_coverage(table: pd.DataFrame, thresholds_km: Sequence[float] = COORDINA
     keys = list(acc_at_km(errors, thresholds))
     cumulative = np.cumsum(errors[:, None] <= thresholds, axis=0) / np.arange(1, n + 1)[:, None]  # ACC of the top i
     medians = [float(np.median(errors[:m])) for m in kept]
-    return {
+    out = {
         "coverage": (kept / n).tolist(),
         "min_confidence": confidence[kept - 1].tolist(),
         "acc_at_km": {k: cumulative[kept - 1, j].tolist() for j, k in enumerate(keys)},
@@ -120,6 +121,10 @@ def risk_coverage(table: pd.DataFrame, thresholds_km: Sequence[float] = COORDINA
         "aurc": {k: float(np.mean(1 - cumulative[:, j])) for j, k in enumerate(keys)},
         "aurc_median_error_km": float(np.mean(medians)),
     }
+    if "correct" in table.columns:
+        correct = table["correct"].to_numpy(float)[order]
+        out["accuracy"] = (np.cumsum(correct)[kept - 1] / kept).tolist()
+    return out
 
 
 # -- ceilings and baselines ---------------------------------------------------------------------
@@ -133,7 +138,11 @@ def centroid_ceiling_km(lat, lon, true_region, centroids) -> np.ndarray:
 
 
 def retrieval_ceiling_km(lat, lon, gallery_lat, gallery_lon) -> np.ndarray:
-    """Distance to the nearest gallery image: no answer drawn from the gallery can be closer."""
+    """Distance to the nearest gallery image: the best any answer that returns one gallery image can do.
+
+    A weighted mean of several neighbours (retrieval with k > 1) can land closer than every
+    gallery image, so this bounds k = 1 retrieval exactly and weighted retrieval only roughly.
+    """
     return nearest_km(lat, lon, gallery_lat, gallery_lon)[0]
 
 

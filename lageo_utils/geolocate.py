@@ -81,7 +81,7 @@ def answers_table(rows: pd.DataFrame, answers: Answers, region_ids: Sequence[str
     Columns: ``image_path``, ``latitude``, ``longitude``, ``method``, ``pred_lat``, ``pred_lon``,
     ``confidence``, ``error_km``; ``location_id``/``heading``/``region_id`` (as ``true_region``)
     when ``rows`` has them; ``pred_region`` when the answers carry regions and ``region_ids`` is
-    given; ``neighbours`` (gallery rows, or gallery paths when ``gallery`` has paths) and
+    given (and ``correct`` when the true region is known); ``neighbours`` (gallery rows, or gallery paths when ``gallery`` has paths) and
     ``neighbour_similarities`` for retrieval methods.
     """
     missing = [c for c in ("image_path", "latitude", "longitude") if c not in rows.columns]
@@ -106,6 +106,8 @@ def answers_table(rows: pd.DataFrame, answers: Answers, region_ids: Sequence[str
             table[name] = rows[column].to_numpy()
     if answers.region is not None and region_ids is not None:
         table["pred_region"] = np.asarray(region_ids, dtype=object)[answers.region]
+        if "true_region" in table:
+            table["correct"] = table["pred_region"] == table["true_region"]
     if answers.neighbours is not None:
         names = gallery.paths if gallery is not None and gallery.paths is not None else None
         table["neighbours"] = [
@@ -163,8 +165,8 @@ class NeighbourIndex:
     """Top-k inner-product search over L2-normalised vectors (= cosine similarity).
 
     ``backend``: ``exact`` (numpy matmul in query chunks), ``faiss`` (``IndexFlatIP``, also
-    exact), ``faiss-ivf`` (``IndexIVFFlat``, approximate: ``nlist`` k-means cells, ``nprobe``
-    searched), or ``auto`` (exact below ``FAISS_AUTO_MIN_GALLERY`` vectors, ``faiss`` above).
+    exact), ``faiss-ivf`` (``IndexIVFFlat``, approximate: ``nlist`` k-means lists, sqrt(n) by
+    default, ``nprobe`` of them searched), or ``auto`` (exact below ``FAISS_AUTO_MIN_GALLERY`` vectors, ``faiss`` above).
     """
 
     def __init__(self, embeddings, backend: str = "auto", *, nlist: int | None = None, nprobe: int = 32,
@@ -223,11 +225,11 @@ def _ivf_index(vectors: np.ndarray, nlist: int | None, nprobe: int, seed: int):
     import faiss
 
     n, dim = vectors.shape
-    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
+    nlist = nlist or max(1, min(int(math.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     sample = vectors
-    if n > 256 * nlist:
-        sample = vectors[np.sort(np.random.default_rng(seed).choice(n, 256 * nlist, replace=False))]
+    if n > 64 * nlist:  # k-means on a sample: 64 points per list are plenty and keep 1M-vector builds short
+        sample = vectors[np.sort(np.random.default_rng(seed).choice(n, 64 * nlist, replace=False))]
     index.cp.seed = seed
     index.train(sample)
     index.add(vectors)
@@ -296,27 +298,26 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.embeddings)
 
-    def search(self, queries, k: int, within: tuple[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k neighbours (similarities, gallery row indices); ``within=("region", r)`` or ``("cell", c)`` with
-        :meth:`restrict` limits the search to those rows. Rows are padded to ``min(k, len(self))`` with NaN / -1.
+    def search(self, queries, k: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k neighbours: similarities and gallery row indices, best first.
+
+        ``rows`` limits the search to those gallery rows (a region's, a cell's); results are then
+        padded to ``min(k, len(self))`` columns with NaN / -1. Indices are built once per subset.
         """
-        if within is None:
-            return self._index(None, None).search(queries, k)
-        rows = self._indices.get(("rows", within))
         if rows is None:
-            raise ValueError(f"no restriction {within!r}: call restrict() first")
-        sims, idx = self._index(within, rows).search(queries, k)
+            return self._index(None).search(queries, k)
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            raise ValueError("cannot search an empty subset of the gallery")
+        sims, idx = self._index(rows).search(queries, k)
         width = min(k, len(self))
         out_sims = np.full((len(sims), width), np.nan, dtype=np.float32)
         out_idx = np.full((len(idx), width), -1, dtype=np.int64)
         out_sims[:, : sims.shape[1]], out_idx[:, : idx.shape[1]] = sims, rows[idx]
         return out_sims, out_idx
 
-    def restrict(self, key: tuple[str, int], rows: np.ndarray) -> None:
-        """Name a subset of gallery rows for ``search(..., within=key)`` (its index is built once, on first use)."""
-        self._indices[("rows", key)] = np.asarray(rows, dtype=np.int64)
-
-    def _index(self, key, rows) -> NeighbourIndex:
+    def _index(self, rows: np.ndarray | None) -> NeighbourIndex:
+        key = None if rows is None else (len(rows), hash(rows.tobytes()))
         if key not in self._indices:
             vectors = self.embeddings if rows is None else self.embeddings[rows]
             self._indices[key] = NeighbourIndex(vectors, self.backend)
@@ -402,10 +403,8 @@ def region_retrieval(embeddings, probs, gallery: Gallery, k: int = 10, temperatu
     sims = np.full((len(queries), width), np.nan, dtype=np.float32)
     idx = np.full((len(queries), width), -1, dtype=np.int64)
     for r in np.unique(chosen):
-        key = ("region", int(r))
-        gallery.restrict(key, np.flatnonzero(gallery.region == r))
         members = chosen == r
-        sims[members], idx[members] = gallery.search(queries[members], k, within=key)
+        sims[members], idx[members] = gallery.search(queries[members], k, rows=np.flatnonzero(gallery.region == r))
     lat, lon = _weighted_answer(sims, idx, gallery, temperature)
     return Answers("region_retrieval", lat, lon, probs[np.arange(len(chosen)), chosen], region=chosen,
                    neighbours=idx, similarities=sims)
@@ -581,10 +580,8 @@ def geocell(embeddings, model: GeocellModel, *, gallery: Gallery | None = None, 
     sims = np.full((len(queries), width), np.nan, dtype=np.float32)
     idx = np.full((len(queries), width), -1, dtype=np.int64)
     for c in np.unique(top):
-        key = ("cell", int(c))
-        gallery.restrict(key, np.flatnonzero(model.train_cell == c))
         members = top == c
-        sims[members], idx[members] = gallery.search(queries[members], k, within=key)
+        sims[members], idx[members] = gallery.search(queries[members], k, rows=np.flatnonzero(model.train_cell == c))
     lat, lon = _weighted_answer(sims, idx, gallery, temperature)
     return Answers("geocell", lat, lon, confidence, cell=top, neighbours=idx, similarities=sims)
 
@@ -784,6 +781,8 @@ def fit_locator(centroids, gallery: Gallery | None, val_embeddings, val_probs, v
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; methods are {METHODS}")
+    if val_probs is None and set(methods) & {"expected", "region_retrieval"}:
+        raise ValueError("expected and region_retrieval are tuned on validation region probabilities: pass val_probs")
     if gallery is None and set(methods) & {"retrieval", "region_retrieval", "geocell"}:
         raise ValueError("retrieval, region_retrieval and geocell need the training gallery")
     loc = Locator(np.asarray(centroids, float), gallery, geocell_refine=geocell_refine)

@@ -93,6 +93,8 @@ def test_risk_coverage_by_hand():
     assert rc["aurc"]["1"] == pytest.approx(1 / 3)
     assert rc["median_error_km"] == pytest.approx([0.1, 1.05, 0.2, 1.1])
     assert rc["min_confidence"] == [0.9, 0.8, 0.7, 0.6]
+    with_regions = risk_coverage(table.assign(correct=[True, False, False, True]), points=4)
+    assert with_regions["accuracy"] == pytest.approx([0, 0.5, 2 / 3, 0.5])  # ranked: F, T, T, F
     # Confidence that ranks the wrong answers first: risks 1, 1, 2/3, 1/2.
     worst = risk_coverage(table.assign(confidence=[0.2, 0.05, 0.15, 0.1]), points=4)
     assert worst["aurc"]["1"] == pytest.approx((1 + 1 + 2 / 3 + 1 / 2) / 4)

@@ -129,10 +129,13 @@ def test_retrieval_answers_with_softmax_weighted_neighbour_coordinates():
     assert a.lat[0] == pytest.approx(34.00 + 0.01 * w1, abs=1e-6) and a.lon[0] == pytest.approx(-118.30)
     sharp = retrieval(query[None], gallery, k=4, temperature=1e-4)  # a cold softmax answers the nearest image
     assert (sharp.lat[0], sharp.lon[0]) == pytest.approx(tuple(coords[0]))
-    table = answers_table(pd.DataFrame({"image_path": ["q.jpg"], "latitude": [34.0], "longitude": [-118.3]}), a,
-                          gallery=gallery)
+    rows = pd.DataFrame({"image_path": ["q.jpg"], "latitude": [34.0], "longitude": [-118.3], "location_id": ["p"]})
+    table = answers_table(rows, a, gallery=gallery)
     assert table.loc[0, "neighbours"] == ["a", "b"] and table.loc[0, "error_km"] == pytest.approx(
         haversine_km(34.0, -118.3, a.lat[0], a.lon[0]))
+    assert table.loc[0, "confidence"] == a.confidence[0] and table.loc[0, "location_id"] == "p"
+    classified = answers_table(rows.assign(region_id="r1"), centroid([[0.2, 0.5, 0.3]], CENTROIDS), ["r0", "r1", "r2"])
+    assert classified.loc[0, "pred_region"] == "r1" and bool(classified.loc[0, "correct"])
 
 
 def test_region_retrieval_searches_the_predicted_region_and_falls_back():
@@ -166,6 +169,16 @@ def test_faiss_and_exact_search_give_the_same_neighbours():
     ivf = NeighbourIndex(vectors, "faiss-ivf", nlist=16, nprobe=16)  # probing every list: exact again
     assert np.array_equal(ivf.search(queries, 10)[1], i_exact)
     assert exact.search(queries, 5000)[1].shape == (200, 3000)  # k is capped at the gallery size
+
+
+def test_gallery_search_within_subsets():
+    basis = orthonormal(6, 8)
+    gallery = Gallery(basis, np.linspace(34, 34.05, 6), np.full(6, -118.3))
+    query = unit(basis[0] + 0.5 * basis[4] + 0.2 * basis[5])
+    assert gallery.search(query, 2, rows=[3, 4, 5])[1].tolist() == [[4, 5]]
+    assert gallery.search(query, 2, rows=[0, 1, 2])[1].tolist() == [[0, 1]]  # same size, other rows: no stale index
+    sims, idx = gallery.search(query, 3, rows=[5])
+    assert idx.tolist() == [[5, -1, -1]] and np.isnan(sims[0, 1:]).all()
 
 
 def test_exact_search_breaks_ties_by_gallery_row():
