@@ -529,7 +529,7 @@ class GeocellModel:
 
 
 def train_geocell_head(embeddings, lat, lon, *, resolution: int = 8, min_cell_images: int = 10, tau_km: float = 1.0,
-                       epochs: int = 60, lr: float = 0.02, weight_decay: float = 1e-4, batch_size: int = 256,
+                       epochs: int = 20, lr: float = 0.05, weight_decay: float = 1e-4, batch_size: int = 1024,
                        seed: int = 0) -> GeocellModel:
     """Train a geocell head on cached training embeddings with haversine-smoothed targets (AdamW, CPU).
 
@@ -671,7 +671,7 @@ def tune_expected(val_probs, val_lat, val_lon, centroids, *, ks: Sequence[int] =
 
 
 def tune_retrieval(val_embeddings, val_lat, val_lon, gallery: Gallery, *, val_probs=None,
-                   ks: Sequence[int] = (1, 3, 5, 10, 20, 50), temperatures: Sequence[float] = (0.01, 0.02, 0.05, 0.1),
+                   ks: Sequence[int] = (1, 3, 5, 10, 20, 50), temperatures: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2),
                    objective: str = "median_error_km", val_location_ids=None) -> RetrievalSettings:
     """k and temperature of retrieval chosen on the validation split (ties: the first candidate).
 
@@ -694,7 +694,7 @@ def tune_retrieval(val_embeddings, val_lat, val_lon, gallery: Gallery, *, val_pr
 
 def tune_geocell(train_embeddings, train_lat, train_lon, val_embeddings, val_lat, val_lon, *,
                  resolutions: Sequence[int] = (7, 8), min_cell_images: Sequence[int] = (10,),
-                 taus_km: Sequence[float] = (0.5, 2.0), objective: str = "median_error_km", epochs: int = 60,
+                 taus_km: Sequence[float] = (0.5, 2.0), objective: str = "median_error_km", epochs: int = 20,
                  seed: int = 0, val_location_ids=None) -> tuple[GeocellSettings, GeocellModel]:
     """Geocell resolution, merge threshold and tau chosen on the validation split; the chosen trained head too."""
     grid, models = [], []
@@ -769,9 +769,9 @@ class Locator:
 def fit_locator(centroids, gallery: Gallery | None, val_embeddings, val_probs, val_lat, val_lon, *,
                 methods: Sequence[str] = METHODS, val_location_ids=None, objective: str = "median_error_km",
                 expected_ks: Sequence[int] = (1, 2, 3, 5), retrieval_ks: Sequence[int] = (1, 3, 5, 10, 20, 50),
-                temperatures: Sequence[float] = (0.01, 0.02, 0.05, 0.1), geocell_resolutions: Sequence[int] = (7, 8),
+                temperatures: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2), geocell_resolutions: Sequence[int] = (7, 8),
                 geocell_min_cell_images: Sequence[int] = (10,), geocell_taus_km: Sequence[float] = (0.5, 2.0),
-                geocell_epochs: int = 60, geocell_refine: bool = True, seed: int = 0) -> Locator:
+                geocell_epochs: int = 20, geocell_refine: bool = True, seed: int = 0) -> Locator:
     """Tune every requested method on the validation split and train the geocell head on the gallery.
 
     Takes the training gallery and the validation split only: the test split is answered

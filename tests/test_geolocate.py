@@ -236,8 +236,9 @@ def clustered_places(n_per: int, seed: int, dim: int = 24):
 
 def test_geocell_head_learns_cells_deterministically(tmp_path):
     emb, lat, lon, _ = clustered_places(30, seed=0)
-    model = train_geocell_head(emb, lat, lon, resolution=8, min_cell_images=5, tau_km=0.5, epochs=20, seed=1)
-    again = train_geocell_head(emb, lat, lon, resolution=8, min_cell_images=5, tau_km=0.5, epochs=20, seed=1)
+    settings = {"resolution": 8, "min_cell_images": 5, "tau_km": 0.5, "epochs": 10, "batch_size": 64}
+    model = train_geocell_head(emb, lat, lon, **settings, seed=1)  # two shuffled batches per epoch
+    again = train_geocell_head(emb, lat, lon, **settings, seed=1)
     assert np.array_equal(model.weight, again.weight) and np.array_equal(model.bias, again.bias)
     q_emb, q_lat, q_lon, _ = clustered_places(5, seed=9)
     a = geocell(q_emb, model)
