@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import h3
 import numpy as np
@@ -81,8 +81,8 @@ def answers_table(rows: pd.DataFrame, answers: Answers, region_ids: Sequence[str
     Columns: ``image_path``, ``latitude``, ``longitude``, ``method``, ``pred_lat``, ``pred_lon``,
     ``confidence``, ``error_km``; ``location_id``/``heading``/``region_id`` (as ``true_region``)
     when ``rows`` has them; ``pred_region`` when the answers carry regions and ``region_ids`` is
-    given (and ``correct`` when the true region is known); ``neighbours`` (gallery rows, or gallery paths when ``gallery`` has paths) and
-    ``neighbour_similarities`` for retrieval methods.
+    given (and ``correct`` when the true region is known); ``neighbours`` (gallery rows, or
+    gallery paths when ``gallery`` has paths) and ``neighbour_similarities`` for retrieval methods.
     """
     missing = [c for c in ("image_path", "latitude", "longitude") if c not in rows.columns]
     if missing:
@@ -754,6 +754,18 @@ class Locator:
         refine = self.retrieval_settings if self.geocell_refine else None
         return geocell(embeddings, model, gallery=self.gallery if refine else None, k=refine.k if refine else 0,
                        temperature=refine.temperature if refine else 1.0, location_ids=location_ids)
+
+    def settings(self) -> dict:
+        """The chosen settings and their validation grids, as plain data (for params/metrics files)."""
+        out: dict = {}
+        for name, value in (("expected", self.expected_settings), ("retrieval", self.retrieval_settings),
+                            ("region_retrieval", self.region_retrieval_settings), ("geocell", self.geocell_settings)):
+            if value is not None:
+                out[name] = {k: [list(row) for row in v] if k == "grid" else v for k, v in asdict(value).items()}
+        if self.geocell_model is not None:
+            out["geocell"]["n_cells"] = len(self.geocell_model.cells)
+            out["geocell"]["refine"] = self.geocell_refine
+        return out
 
     def _settings(self, method: str, value):
         if value is None:

@@ -1,4 +1,5 @@
 import inspect
+import json
 import math
 
 import h3
@@ -287,6 +288,7 @@ def test_retrieval_settings_come_from_validation_only():
     locator = fit_locator(CENTROIDS, gallery, val[0], None, val[1], val[2], methods=("retrieval",),
                           retrieval_ks=(1, 4), temperatures=(1.0,))
     assert (locator.retrieval_settings.k, locator.retrieval_settings.temperature) == (4, 1.0)
+    assert locator.settings()["retrieval"]["k"] == 4 and len(locator.settings()["retrieval"]["grid"]) == 2
     answered = locator.answer("retrieval", test[0])
     assert answered.neighbours.shape == (len(test[0]), 4)
     # The tuning API has no way in for test data: only the gallery (train) and validation arrays.
@@ -319,6 +321,7 @@ def test_locator_answers_every_method():
     locator = fit_locator(centroids, gallery, v_emb, v_probs, v_lat, v_lon, geocell_resolutions=(8,),
                           geocell_taus_km=(0.5,), geocell_min_cell_images=(5,), geocell_epochs=10,
                           retrieval_ks=(1, 5), temperatures=(0.05,))
+    assert set(json.loads(json.dumps(locator.settings()))) == {"expected", "retrieval", "region_retrieval", "geocell"}
     t_emb, t_lat, t_lon, t_which = clustered_places(2, seed=2)
     t_probs = np.where(np.arange(2)[None, :] == np.where(t_which < 2, 0, 1)[:, None], 0.8, 0.2)
     errors = {}
