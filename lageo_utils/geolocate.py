@@ -29,10 +29,12 @@ there is no argument through which test data could reach a choice.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import h3
 import numpy as np
@@ -813,3 +815,58 @@ def fit_locator(centroids, gallery: Gallery | None, val_embeddings, val_probs, v
             resolutions=geocell_resolutions, min_cell_images=geocell_min_cell_images, taus_km=geocell_taus_km,
             epochs=geocell_epochs, seed=seed, **kw)
     return loc
+
+
+LOCATOR_FILE, GALLERY_FILE, GEOCELL_FILE = "locator.json", "gallery.npz", "geocell.pt"
+_SETTINGS = {"expected": ExpectedSettings, "retrieval": RetrievalSettings, "region_retrieval": RetrievalSettings,
+             "geocell": GeocellSettings}
+
+
+def save_locator(locator: Locator, directory: str | os.PathLike) -> None:
+    """Write a fitted locator to ``directory``: ``locator.json`` (centroids, settings), ``gallery.npz``
+    (embeddings, coordinates, regions, paths) and ``geocell.pt`` (the head), each when present.
+
+    A locator belongs to one model: the gallery holds that model's embeddings.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = {name: asdict(value) for name, value in (
+        ("expected", locator.expected_settings), ("retrieval", locator.retrieval_settings),
+        ("region_retrieval", locator.region_retrieval_settings), ("geocell", locator.geocell_settings))
+        if value is not None}
+    doc = {"format": 1, "centroids": np.asarray(locator.centroids, float).tolist(),
+           "geocell_refine": locator.geocell_refine, "settings": settings,
+           "gallery_backend": locator.gallery.backend if locator.gallery is not None else None}
+    (directory / LOCATOR_FILE).write_text(json.dumps(doc, indent=1))
+    if locator.gallery is not None:
+        g = locator.gallery
+        arrays = {"embeddings": g.embeddings, "lat": g.lat, "lon": g.lon}
+        if g.region is not None:
+            arrays["region"] = g.region
+        if g.paths is not None:
+            arrays["paths"] = np.asarray(g.paths, dtype=str)
+        np.savez(directory / GALLERY_FILE, **arrays)
+    if locator.geocell_model is not None:
+        save_geocell_model(locator.geocell_model, directory / GEOCELL_FILE)
+
+
+def load_locator(directory: str | os.PathLike) -> Locator:
+    """Read a locator written by :func:`save_locator`."""
+    directory = Path(directory)
+    path = directory / LOCATOR_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: no fitted locator in {directory}")
+    doc = json.loads(path.read_text())
+    if doc.get("format") != 1:
+        raise ValueError(f"{path}: unknown locator format {doc.get('format')!r}")
+    gallery = None
+    if (directory / GALLERY_FILE).exists():
+        with np.load(directory / GALLERY_FILE, allow_pickle=False) as arrays:
+            gallery = Gallery(arrays["embeddings"], arrays["lat"], arrays["lon"],
+                              arrays["region"] if "region" in arrays else None,
+                              arrays["paths"] if "paths" in arrays else None, doc["gallery_backend"])
+    settings = {name: _SETTINGS[name](**{k: tuple(map(tuple, v)) if k == "grid" else v for k, v in fields.items()})
+                for name, fields in doc["settings"].items()}
+    model = load_geocell_model(directory / GEOCELL_FILE) if (directory / GEOCELL_FILE).exists() else None
+    return Locator(np.asarray(doc["centroids"], float), gallery, settings.get("expected"), settings.get("retrieval"),
+                   settings.get("region_retrieval"), settings.get("geocell"), model, doc["geocell_refine"])

@@ -20,10 +20,12 @@ from lageo_utils.geolocate import (
     geocell,
     haversine_smoothing,
     load_geocell_model,
+    load_locator,
     pool_by_location,
     region_retrieval,
     retrieval,
     save_geocell_model,
+    save_locator,
     spherical_mean,
     train_geocell_head,
     tune_geocell,
@@ -311,7 +313,7 @@ def test_geocell_settings_are_the_validation_optimum():
     assert np.array_equal(retrained.weight, model.weight)
 
 
-def test_locator_answers_every_method():
+def test_locator_answers_every_method_and_round_trips(tmp_path):
     emb, lat, lon, which = clustered_places(20, seed=0)
     regions = np.where(which < 2, 0, 1)
     gallery = Gallery(emb, lat, lon, region=regions)
@@ -332,3 +334,9 @@ def test_locator_answers_every_method():
     assert errors["retrieval"] < 0.5 < errors["centroid"]  # the places are 1.1 km from their region centroid
     with pytest.raises(ValueError, match="needs region probabilities"):
         locator.answer("centroid", t_emb)
+    save_locator(locator, tmp_path / "zeroshot")
+    loaded = load_locator(tmp_path / "zeroshot")
+    assert loaded.settings() == locator.settings()
+    for method in geolocate.METHODS:
+        a, b = locator.answer(method, t_emb, t_probs), loaded.answer(method, t_emb, t_probs)
+        assert np.array_equal(a.lat, b.lat) and np.array_equal(a.lon, b.lon), method
