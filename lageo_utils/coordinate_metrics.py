@@ -61,14 +61,14 @@ def coordinate_summary(table: pd.DataFrame, thresholds_km: Sequence[float] = COO
 
 def paired_difference(table: pd.DataFrame, reference: pd.DataFrame,
                       thresholds_km: Sequence[float] = COORDINATE_THRESHOLDS_KM, *, n_boot: int = 1000, seed: int = 0,
-                      ci: float = 0.95, group: str | None = "location_id") -> dict:
+                      ci: float = 0.95, group: str | None = "location_id", name: str = "answers") -> dict:
     """Paired bootstrap of ``table - reference`` on the same images (matched on ``image_path``).
 
     ``{"acc_at_km": {t: {"difference", "ci"}}, "median_error_km": {...}, "mean_error_km": {...}}``:
     a positive ACC difference and a negative error difference favour ``table``.
     """
     a, b = _paired(table, reference)
-    err_a, err_b = _errors(a, "table"), _errors(b, "reference")
+    err_a, err_b = _errors(a, name), _errors(b, f"{name} (reference)")
     thresholds = np.asarray(thresholds_km, float)
     hits = (err_a[:, None] <= thresholds).astype(float) - (err_b[:, None] <= thresholds).astype(float)
     acc, median, mean = [], [], []
@@ -259,10 +259,10 @@ def coordinate_metrics_json(answers: Mapping[str, Mapping[str, pd.DataFrame]], *
             doc["methods"][model][method] = summary
             doc["risk_coverage"][model][method] = risk_coverage(table, thresholds_km, name=label)
             if method != reference and reference in methods:
-                paired = paired_difference(table, methods[reference], thresholds_km, **kw)
+                paired = paired_difference(table, methods[reference], thresholds_km, name=label, **kw)
                 if method in model_voted and reference in model_voted:
                     paired["per_capture_point"] = paired_difference(model_voted[method], model_voted[reference],
-                                                                    thresholds_km, **kw)
+                                                                    thresholds_km, name=f"{label} (voted)", **kw)
                 doc["paired_vs_centroid"][model][method] = paired
     for section, tables in (("ceilings", ceilings or {}), ("baselines", baselines or {})):
         for name, value in tables.items():
