@@ -16,6 +16,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
+from tqdm.auto import tqdm
 
 from lageo_utils.geo import DEFAULT_THRESHOLDS_KM, acc_at_km
 
@@ -292,7 +293,7 @@ def _resample(clusters: np.ndarray, n_boot: int, seed: int):
         raise ValueError(f"n_boot must be at least 1, not {n_boot}")
     n_clusters = int(clusters.max()) + 1
     rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
+    for _ in tqdm(range(n_boot), desc="bootstrap", unit="resample", leave=False):
         drawn = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)
         yield drawn[clusters]
 
