@@ -12,6 +12,7 @@ import nbformat
 import papermill
 from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
+from traitlets.config import Config
 
 from lageo_utils.data import ManifestError
 from lageo_utils.model import WeightsUnavailableError, check_weights
@@ -34,6 +35,9 @@ from lageo_utils.runs import (
 log = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+# Local kernels talk over Unix sockets: no TCP ports, and no "running over TCP without encryption" warning
+# from every kernel on the terminal.
+KERNEL_CONFIG = Config({"KernelManager": {"transport": "ipc"}})
 
 
 class StepFailed(RunError):
@@ -75,7 +79,7 @@ def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = N
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         papermill.execute_notebook(str(source), str(target), parameters=given, cwd=str(NOTEBOOKS_DIR),
-                                   kernel_name=kernel_name, progress_bar=False)
+                                   kernel_name=kernel_name, progress_bar=False, config=KERNEL_CONFIG)
     except PapermillExecutionError as exc:
         raise StepFailed(
             f"notebook {source.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "

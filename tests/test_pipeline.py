@@ -37,9 +37,20 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_run(env):
-    result = lageo("run", "--profile", "demo", *REDUCED, env=env)
-    return Path(re.search(r"run complete: (\S+)", result.stdout).group(1))
+def demo_result(env):
+    return lageo("run", "--profile", "demo", *REDUCED, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_result):
+    return Path(re.search(r"run complete: (\S+)", demo_result.stdout).group(1))
+
+
+def test_terminal_output_is_one_line_per_step(demo_result):
+    lines = demo_result.stderr.strip().splitlines()
+    assert all(line.startswith("INFO lageo_utils.pipeline: ") for line in lines), lines
+    assert sum(line.endswith(" s") and ": done in " in line for line in lines) == 5
+    assert "Kernel is running over TCP" not in demo_result.stderr and "open_clip" not in demo_result.stderr
 
 
 def test_run_directory_has_every_file(demo_run, env):
