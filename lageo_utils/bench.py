@@ -6,7 +6,6 @@ in the same process, and reports the machine's load beside the figures.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import resource
@@ -29,9 +28,9 @@ from lageo_utils.model import autocast, load_clip, resolve_device
 from lageo_utils.predict import RegionClassifier
 from lageo_utils.prompts import encode_region_texts
 from lageo_utils.regions import load_regions
-from lageo_utils.training.config import STRATEGIES, TrainConfig
+from lageo_utils.training.config import EMBEDDING_STRATEGIES, STRATEGIES, TrainConfig
 from lageo_utils.training.data import TrainData
-from lageo_utils.training.encoder import image_data, unfreeze
+from lageo_utils.training.encoder import image_data, trainable_encoder
 from lageo_utils.training.loop import deterministic, fit, new_run, train_epoch
 
 
@@ -136,8 +135,8 @@ def benchmark_train(
 ) -> dict:
     """Training images/s and peak memory of one strategy, through the real training loop.
 
-    ``partial``/``full``/``contrastive``: ``images`` synthetic 640 x 640 JPEGs through the loader,
-    augmentation off; one warm-up epoch, then one timed epoch (training only). ``linear_probe``:
+    Encoder strategies: ``images`` synthetic 640 x 640 JPEGs through the loader, augmentation off;
+    one warm-up epoch, then one timed epoch (training only). ``linear_probe``, ``text_scale``:
     8 epochs over ``images`` cached embeddings (synthetic unit vectors with a class structure;
     the head's cost does not depend on their values), timed end to end: every epoch's
     validation on a sixth as many embeddings and both checkpoints included.
@@ -148,8 +147,9 @@ def benchmark_train(
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
     target = resolve_device(device)
+    on_embeddings = strategy in EMBEDDING_STRATEGIES
     config = TrainConfig(strategy=strategy, model_name=model_name, pretrained=pretrained, batch_size=batch_size,
-                         epochs=8 if strategy == "linear_probe" else 2)
+                         epochs=8 if on_embeddings else 2)
     seed_everything(config.seed)
     model, preprocess, tokenizer = load_clip(model_name, pretrained, device=target)
     regions = load_regions()
@@ -159,7 +159,7 @@ def benchmark_train(
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
     with tempfile.TemporaryDirectory(prefix="lageo-bench-train-") as tmp:
-        if strategy == "linear_probe":
+        if strategy in EMBEDDING_STRATEGIES:
             train_data = _synthetic_embeddings(class_embeddings.cpu(), images, seed=0)
             val_data = _synthetic_embeddings(class_embeddings.cpu(), max(1, images // 6), seed=1)
             visual = model.visual
@@ -169,13 +169,12 @@ def benchmark_train(
                                                                       for i in range(images)]})
             train_data = image_data(frame, region_ids, preprocess, None)
             val_data = train_data
-            visual = copy.deepcopy(model.visual)
-            unfreeze(visual, config)
-        classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=strategy != "contrastive")
+            visual = trainable_encoder(model.visual, config)
+        classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=config.head)
         run = new_run(config, classifier, region_ids, train_data, val_data, target, Path(tmp), "bench", {})
         run.self_contained = False  # checkpoints as with pretrained weights: the trained part only
         with deterministic():
-            if strategy == "linear_probe":
+            if on_embeddings:
                 start = time.perf_counter()
                 fit(run, None)
                 seconds = time.perf_counter() - start
@@ -194,7 +193,7 @@ def benchmark_train(
         "device": str(target),
         "strategy": strategy,
         "images": images,
-        "epochs_timed": config.epochs if strategy == "linear_probe" else 1,
+        "epochs_timed": config.epochs if on_embeddings else 1,
         "batch_size": batch_size,
         "seconds": round(seconds, 3),
         "train_img_s": round(trained / seconds, 1),

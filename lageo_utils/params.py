@@ -110,7 +110,7 @@ def _as_str(value) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
-STRATEGIES = ("zeroshot", "linear_probe", "partial", "full", "contrastive")
+STRATEGIES = ("zeroshot", "text_scale", "linear_probe", "partial", "lora", "full", "contrastive")
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
     # data
@@ -152,6 +152,11 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("max_grad_norm", float, 1.0, "gradient clipping norm; none: no clipping", "training", low=0, low_open=True,
           optional=True),
     Param("unfreeze_blocks", int, 2, "partial: trained transformer blocks, counted from the last", "training", low=1),
+    Param("lora_rank", int, 8, "lora: rank of the adapters", "training", low=1),
+    Param("lora_alpha", float, 16.0, "lora: scaling numerator of the adapters (scale = alpha / rank)", "training",
+          low=0, low_open=True),
+    Param("lora_dropout", float, 0.0, "lora: dropout on the adapters' input", "training", low=0, high=1,
+          high_open=True),
     Param("augment", bool, False, "random resized crop and colour jitter on training images", "training"),
     Param("patience", int, None, "early stopping after this many epochs without a better validation accuracy",
           "training", low=1, optional=True),

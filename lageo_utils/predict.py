@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from lageo_utils.adapters import add_lora, merge_lora
 from lageo_utils.checkpoints import CheckpointError, load_checkpoint
 from lageo_utils.embed import embed_manifest
 from lageo_utils.geo import haversine_km
@@ -34,33 +36,57 @@ log = logging.getLogger(__name__)
 SCALES = ("learned", "none")
 
 
-class RegionClassifier(nn.Module):
-    """Image encoder + region logits over L2-normalised embeddings.
+HEADS = ("linear", "cosine", "scaled")
 
-    With a head: a linear layer initialised to ``logit_scale * class_embeddings`` with zero bias.
-    Without (zero-shot CLIP, ``contrastive``): ``logit_scale * cosine`` against the fixed
-    ``class_embeddings``. Both start at the zero-shot logits.
+
+class RegionClassifier(nn.Module):
+    """Image encoder + region logits over L2-normalised embeddings; every head starts at the zero-shot logits.
+
+    ``head`` is one of:
+
+    - ``linear``: a linear layer initialised to ``logit_scale * class_embeddings`` with zero bias
+      (``linear_probe``, ``partial``, ``full``, ``lora``);
+    - ``cosine``: ``logit_scale * cosine`` against the fixed ``class_embeddings`` (zero-shot CLIP,
+      ``contrastive``);
+    - ``scaled``: a learned scale and per-region bias on those cosines, ``exp(log_scale) * cosine +
+      bias`` (``text_scale``).
     """
 
-    def __init__(self, visual: nn.Module, class_embeddings: torch.Tensor, logit_scale: float, head: bool = True):
+    def __init__(self, visual: nn.Module, class_embeddings: torch.Tensor, logit_scale: float, head: str = "linear"):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.visual = visual
+        self.head_kind = head
         self.logit_scale = float(logit_scale)
         self.register_buffer("class_embeddings", class_embeddings.detach().float().clone())
+        n_classes, dim = class_embeddings.shape
         self.head: nn.Linear | None = None
-        if head:
-            n_classes, dim = class_embeddings.shape
+        if head == "linear":
             self.head = nn.Linear(dim, n_classes).to(class_embeddings.device)
             with torch.no_grad():
                 self.head.weight.copy_(self.class_embeddings * self.logit_scale)
                 self.head.bias.zero_()
+        elif head == "scaled":
+            device = class_embeddings.device
+            self.log_scale = nn.Parameter(torch.tensor(math.log(self.logit_scale), device=device))
+            self.bias = nn.Parameter(torch.zeros(n_classes, device=device))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the head (none for ``cosine``)."""
+        if self.head_kind == "linear":
+            return list(self.head.parameters())
+        return [self.log_scale, self.bias] if self.head_kind == "scaled" else []
 
     def classify(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Region logits for image embeddings (normalised here)."""
         x = F.normalize(embeddings.float(), dim=-1)
-        if self.head is not None:
+        if self.head_kind == "linear":
             return self.head(x)
-        return self.logit_scale * x @ self.class_embeddings.T
+        cosines = x @ self.class_embeddings.T
+        if self.head_kind == "scaled":
+            return self.log_scale.exp() * cosines + self.bias
+        return self.logit_scale * cosines
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classify(self.visual(images))
@@ -88,7 +114,8 @@ class GeoPredictor:
 
     def __init__(self, model, preprocess, tokenizer, regions: gpd.GeoDataFrame, templates: list[str] | None = None,
                  device="auto", scale: str = "learned", model_name: str | None = None,
-                 classifier: RegionClassifier | None = None, class_ids: list[str] | None = None):
+                 classifier: RegionClassifier | None = None, class_ids: list[str] | None = None,
+                 temperature: float = 1.0):
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         self.device = resolve_device(device)
@@ -104,15 +131,19 @@ class GeoPredictor:
         if classifier is None:
             text = encode_region_texts(model, tokenizer, self.regions, templates, self.device)
             logit_scale = float(model.logit_scale.detach().float().exp()) if scale == "learned" else 1.0
-            classifier, class_ids = RegionClassifier(model.visual, text, logit_scale, head=False), self.region_ids
+            classifier, class_ids = RegionClassifier(model.visual, text, logit_scale, head="cosine"), self.region_ids
         elif model.visual is not classifier.visual:
             raise ValueError("the model's image encoder must be the classifier's")
         unknown = [r for r in self.region_ids if r not in (class_ids or [])]
         if unknown:
             raise ValueError(f"regions {unknown} are not among the classifier's classes {class_ids}")
         self.classifier = classifier.to(self.device).eval()
+        self.class_ids = list(class_ids)
         self.columns = torch.as_tensor([class_ids.index(r) for r in self.region_ids], device=self.device)
         self.checkpoint: dict | None = None  # what a fine-tuned predictor was loaded from
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)  # probabilities are softmax(logits / temperature); see calibration
 
     @property
     def text_features(self) -> torch.Tensor:
@@ -126,8 +157,8 @@ class GeoPredictor:
             return self.classifier.classify(torch.atleast_2d(features))[:, self.columns]
 
     def probabilities(self, embeddings) -> np.ndarray:
-        """Softmax region probabilities (n x n_regions, float64) for image embeddings."""
-        return self.logits(embeddings).double().softmax(dim=-1).cpu().numpy()
+        """Softmax region probabilities (n x n_regions, float64) for image embeddings, at the calibrated temperature."""
+        return (self.logits(embeddings).double() / self.temperature).softmax(dim=-1).cpu().numpy()
 
     def predict_embeddings(self, embeddings, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Indices into the regions (n x k) and their probabilities, best first."""
@@ -148,6 +179,35 @@ class GeoPredictor:
         top_idx, top_prob = self.predict_embeddings(self.embed_image(image_or_path), top_k)
         gps = [(float(lat), float(lon)) for lat, lon in self.centroids[top_idx[0]]]
         return gps, [float(p) for p in top_prob[0]]
+
+
+def interpolate_classifiers(zero_shot: RegionClassifier, finetuned: RegionClassifier, alpha: float) -> RegionClassifier:
+    """WiSE-FT (Wortsman et al., 2022): every weight ``(1 - alpha) * zero-shot + alpha * fine-tuned``.
+
+    Both classifiers must have the same architecture (merge LoRA adapters first); alpha 0 is the
+    zero-shot model, alpha 1 the fine-tuned one. Returns a new classifier.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    start, end = zero_shot.state_dict(), finetuned.state_dict()
+    if start.keys() != end.keys():
+        raise ValueError(f"the classifiers differ in their weights: {sorted(start.keys() ^ end.keys())[:5]}")
+    mixed = copy.deepcopy(finetuned)
+    mixed.load_state_dict({name: torch.lerp(start[name].to(tensor), tensor, alpha) if tensor.is_floating_point()
+                           else tensor for name, tensor in end.items()})
+    return mixed
+
+
+def wise_ft(finetuned: GeoPredictor, base_model, alpha: float) -> GeoPredictor:
+    """The WiSE-FT predictor between the zero-shot ``base_model`` (the weights fine-tuning started from) and a
+    fine-tuned predictor; its head starts, at alpha 0, from the zero-shot logits (see ``RegionClassifier``)."""
+    head = finetuned.classifier
+    zero_shot = RegionClassifier(copy.deepcopy(base_model.visual).to(finetuned.device), head.class_embeddings,
+                                 head.logit_scale, head=head.head_kind)
+    mixed = interpolate_classifiers(zero_shot, head, alpha)
+    model = copy.deepcopy(finetuned.model, memo={id(finetuned.model.visual): mixed.visual})  # the mixed encoder in
+    return GeoPredictor(model, finetuned.preprocess, finetuned.tokenizer, finetuned.regions, device=finetuned.device,
+                        model_name=finetuned.model_name, classifier=mixed, class_ids=finetuned.class_ids)
 
 
 def top_k_indices(probs: np.ndarray, top_k: int) -> np.ndarray:
@@ -244,13 +304,18 @@ def load_finetuned(checkpoint_path: str | os.PathLike, regions, device: str | to
         raise CheckpointError(f"{path}: {model_name} weights {pretrained!r} are not those this "
                               "checkpoint was trained from")
     model_state = state["model"]
-    classifier = RegionClassifier(model.visual, model_state["class_embeddings"], state["logit_scale"],
-                                  head="head.weight" in model_state)
+    if config["strategy"] == "lora":
+        model.visual = add_lora(model.visual, config["lora_rank"], config["lora_alpha"], config["lora_targets"])
+    head = state.get("head", "linear" if "head.weight" in model_state else "cosine")  # older checkpoints: no "head"
+    classifier = RegionClassifier(model.visual, model_state["class_embeddings"], state["logit_scale"], head=head)
     load_classifier_state(classifier, model_state, complete=state["self_contained"])
+    if config["strategy"] == "lora":  # plain modules again: faster, and the same weights WiSE-FT interpolates
+        model.visual = classifier.visual = merge_lora(classifier.visual)
     predictor = GeoPredictor(model, preprocess, tokenizer, regions, templates=config["templates"], device=target,
-                             model_name=model_name, classifier=classifier, class_ids=list(state["region_ids"]))
+                             model_name=model_name, classifier=classifier, class_ids=list(state["region_ids"]),
+                             temperature=state.get("temperature", 1.0))
     predictor.checkpoint = {"path": str(path), "strategy": config["strategy"], "epoch": state["epoch"],
-                            "best_val_acc": state["best_val_acc"]}
+                            "best_val_acc": state["best_val_acc"], "temperature": predictor.temperature}
     return predictor
 
 

@@ -161,7 +161,7 @@ def test_head_starts_at_the_zero_shot_logits(data, reference):
     embeddings = torch.from_numpy(embed_manifest(model, preprocess, data.val, data.images, num_workers=0).embeddings)
     with torch.no_grad():
         head_logits = classifier.classify(embeddings)
-        contrastive_logits = RegionClassifier(model.visual, class_embeddings, scale, head=False).classify(embeddings)
+        contrastive_logits = RegionClassifier(model.visual, class_embeddings, scale, head="cosine").classify(embeddings)
     zero_shot_logits = scale * embeddings @ class_embeddings.T
     torch.testing.assert_close(head_logits, zero_shot_logits, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(contrastive_logits, zero_shot_logits, rtol=1e-6, atol=1e-5)
@@ -184,8 +184,11 @@ def test_zeroshot_checkpoint_predicts_exactly_like_zero_shot_clip(data, referenc
 
     seed_everything(tiny_config("zeroshot").seed)  # the random base model the run started from
     model, preprocess, tokenizer = load_clip("lageo-tiny", pretrained=None, device="cpu")
-    zero_shot = predict_val(GeoPredictor(model, preprocess, tokenizer, data.regions, device="cpu"), data)
-    from_checkpoint = predict_val(load_finetuned(reference("zeroshot").best_checkpoint, data.regions, "cpu"), data)
+    best = reference("zeroshot").best_checkpoint
+    temperature = load_checkpoint(best)["temperature"]  # fitted on validation; the same for both sides
+    zero_shot = predict_val(GeoPredictor(model, preprocess, tokenizer, data.regions, device="cpu",
+                                         temperature=temperature), data)
+    from_checkpoint = predict_val(load_finetuned(best, data.regions, "cpu"), data)
     assert from_checkpoint["top_regions"].tolist() == zero_shot["top_regions"].tolist()
     np.testing.assert_allclose(np.stack(from_checkpoint["top_probs"]), np.stack(zero_shot["top_probs"]), atol=1e-6)
     assert zero_shot["correct"].mean() == reference("zeroshot").summary["best_val_acc"]
@@ -250,7 +253,7 @@ def test_unreadable_training_images_are_skipped_and_reported(data, tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"strategy": "lora"}, "unknown strategy 'lora'"),
+        ({"strategy": "lora-xl"}, "unknown strategy 'lora-xl'"),
         ({"epochs": 0}, "epochs must be an integer >= 1"),
         ({"lr": 0.0}, "lr must be a number > 0"),
         ({"lr": -1e-4}, "lr must be a number > 0"),
@@ -378,7 +381,7 @@ def test_cli_trains_resumes_and_writes_its_files(data, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--strategy", "lora"], "unknown strategy"),
+        (["--strategy", "lora-xl"], "unknown strategy"),
         (["--epochs", "0"], "epochs must be"),
         (["--lr", "0"], "lr must be a number > 0"),
         (["--resume"], "nothing to resume"),

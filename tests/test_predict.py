@@ -263,3 +263,30 @@ def test_a_region_without_a_field_the_template_needs_is_named(regions):
     with pytest.raises(RegionsError, match=rf"region '{broken.loc[2, 'id']}' has no 'description', which the prompt"):
         region_prompts(broken)
     assert len(region_prompts(broken, ["A street in {name}"])) == len(broken)  # a template without it is fine
+
+
+def test_prompt_controls_load_and_refuse_a_descriptor_that_names_a_region(regions, reference_dir, tmp_path):
+    import json
+
+    from lageo_utils.prompts import PROMPT_VARIANTS, load_prompt_controls
+    from lageo_utils.regions import RegionsError
+
+    ours = load_prompt_controls(None, regions)
+    assert list(ours) == regions["id"].tolist()
+    authors_eight = regions[regions["id"].isin(json.loads((reference_dir / "prompt_controls.json").read_text())
+                                               ["visual_descriptors"])]
+    assert len(load_prompt_controls(reference_dir / "prompt_controls.json", authors_eight)) == 8
+    with pytest.raises(RegionsError, match=r"no visual descriptor for regions \['malibu'"):
+        load_prompt_controls(reference_dir / "prompt_controls.json", regions)
+
+    for leak, name in (("palm trees near the Santa Monica pier", "Santa Monica"), ("views of griffith park", "griffith park"),
+                       ("the observatory dome", "observatory")):
+        doc = {"visual_descriptors": {**ours, "hollywood": leak}}
+        (tmp_path / "leak.json").write_text(json.dumps(doc))
+        with pytest.raises(RegionsError, match=rf"descriptor of region 'hollywood' contains the region name '{name}'"):
+            load_prompt_controls(tmp_path / "leak.json", regions)
+
+    visual = region_prompts(regions, PROMPT_VARIANTS["visual"], ours)
+    assert all(name.lower() not in prompt[0].lower() for name, prompt in zip(regions["name"], visual))
+    with pytest.raises(RegionsError, match="has no 'visual'"):
+        region_prompts(regions, PROMPT_VARIANTS["visual"])  # the visual variant needs the descriptors

@@ -5,18 +5,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from lageo_utils.adapters import DEFAULT_LORA_TARGETS
 from lageo_utils.model import normalize_pretrained
 from lageo_utils.params import STRATEGIES, ParamError, check_value
 
-EMBEDDING_STRATEGIES = ("zeroshot", "linear_probe")  # trained (or evaluated) on cached embeddings
-ENCODER_STRATEGIES = ("partial", "full", "contrastive")  # train image-encoder weights on images
-DEFAULT_LR = {"zeroshot": 0.0, "linear_probe": 1e-3, "partial": 1e-5, "full": 1e-5, "contrastive": 1e-5}
+EMBEDDING_STRATEGIES = ("zeroshot", "text_scale", "linear_probe")  # trained (or evaluated) on cached embeddings
+ENCODER_STRATEGIES = ("partial", "lora", "full", "contrastive")  # train image-encoder weights on images
+DEFAULT_LR = {"zeroshot": 0.0, "text_scale": 1e-2, "linear_probe": 1e-3, "partial": 1e-5, "lora": 1e-4, "full": 1e-5,
+              "contrastive": 1e-5}
+HEAD_OF = {"zeroshot": "linear", "text_scale": "scaled", "contrastive": "cosine"}  # every other strategy: linear
 # Settings a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = ("epochs", "patience", "num_workers")
-# Config fields whose run parameter has another name.
+# Config fields whose run parameter has another name, and list fields checked here.
 PARAM_NAMES = {"model_name": "model"}
+LIST_FIELDS = ("lora_targets", "train_regions", "templates")
 
-__all__ = ["DEFAULT_LR", "EMBEDDING_STRATEGIES", "ENCODER_STRATEGIES", "RESUMABLE_CHANGES", "STRATEGIES",
+__all__ = ["DEFAULT_LR", "EMBEDDING_STRATEGIES", "ENCODER_STRATEGIES", "HEAD_OF", "RESUMABLE_CHANGES", "STRATEGIES",
            "TrainConfig"]
 
 
@@ -39,20 +43,34 @@ class TrainConfig:
     patience: int | None = None  # early stopping after this many epochs without a better val accuracy
     seed: int = 42
     num_workers: int | None = None  # image loader workers; None: one per core, at most 4
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    train_regions: list[str] | None = None  # train (and select the best epoch) on these regions' images; None: all
     templates: list[str] | None = None  # region prompt templates; None: the seed's template
-    embed_batch_size: int = 64  # for computing cached embeddings (linear_probe, zeroshot)
+    embed_batch_size: int = 64  # for computing cached embeddings (zeroshot, text_scale, linear_probe)
 
     def __post_init__(self) -> None:
         # Plain Python values (the config is stored in checkpoints that load with weights_only=True),
         # checked against the one parameter schema.
         for item in dataclasses.fields(self):
-            if item.name != "templates":
+            if item.name not in LIST_FIELDS:
                 setattr(self, item.name, check_value(PARAM_NAMES.get(item.name, item.name), getattr(self, item.name)))
         self.pretrained = normalize_pretrained(self.pretrained)
-        if self.templates is not None:
-            if isinstance(self.templates, str) or not all(isinstance(t, str) for t in self.templates):
-                raise ParamError(f"templates must be a list of prompt templates, got {self.templates!r}")
-            self.templates = list(self.templates)
+        for name in LIST_FIELDS:
+            value = getattr(self, name)
+            if value is None and name != "lora_targets":
+                continue
+            if isinstance(value, str) or not isinstance(value, list | tuple) or not value or not all(
+                    isinstance(v, str) and v for v in value):
+                raise ParamError(f"{name} must be a non-empty list of texts, got {value!r}")
+            setattr(self, name, list(value))
+
+    @property
+    def head(self) -> str:
+        """The ``RegionClassifier`` head this strategy trains."""
+        return HEAD_OF.get(self.strategy, "linear")
 
     @property
     def learning_rate(self) -> float:

@@ -1,5 +1,7 @@
-"""Strategies on cached embeddings (``zeroshot``, ``linear_probe``): the image encoder stays frozen, so each
-image is embedded once, through the embedding cache, and only the head trains."""
+"""Strategies on cached embeddings (``zeroshot``, ``text_scale``, ``linear_probe``): the image encoder stays
+frozen, so each image is embedded once, through the embedding cache, and only the head trains (nothing for
+``zeroshot``; a scale and per-region bias on the text scores for ``text_scale``; a linear layer for
+``linear_probe``)."""
 
 from __future__ import annotations
 

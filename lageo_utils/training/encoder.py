@@ -1,10 +1,13 @@
-"""Strategies that train image-encoder weights on images (``partial``, ``full``, ``contrastive``)."""
+"""Strategies that train image-encoder weights on images (``partial``, ``lora``, ``full``, ``contrastive``)."""
 
 from __future__ import annotations
+
+import copy
 
 import pandas as pd
 from torch import nn
 
+from lageo_utils.adapters import add_lora
 from lageo_utils.images import ImageDataset
 from lageo_utils.training.config import TrainConfig
 from lageo_utils.training.data import TrainData, class_indices
@@ -31,11 +34,14 @@ def train_transform(preprocess, visual: nn.Module, augment: bool):
     ])
 
 
-def unfreeze(visual: nn.Module, config: TrainConfig) -> None:
-    """Set ``requires_grad`` on the image encoder for the strategy (open_clip's ``lock`` for ``partial``)."""
+def trainable_encoder(visual: nn.Module, config: TrainConfig) -> nn.Module:
+    """A copy of the image encoder with the strategy's weights trainable: the last ``unfreeze_blocks`` blocks
+    (``partial``, open_clip's ``lock``), LoRA adapters (``lora``), or everything (``full``, ``contrastive``)."""
+    visual = copy.deepcopy(visual)
+    if config.strategy == "lora":
+        return add_lora(visual, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout)
     if config.strategy != "partial":
-        visual.requires_grad_(True)
-        return
+        return visual.requires_grad_(True)
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     if blocks is None or not hasattr(visual, "lock"):
         raise ValueError(f"strategy 'partial' needs a ViT image encoder; {type(visual).__name__} has no blocks")
@@ -43,3 +49,4 @@ def unfreeze(visual: nn.Module, config: TrainConfig) -> None:
         raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {len(blocks)} blocks")
     # open_clip's groups: ..., each block, [last block + ln_post], proj: N blocks + the projection.
     visual.lock(unlocked_groups=config.unfreeze_blocks + 1)
+    return visual

@@ -11,7 +11,6 @@ image-encoder weights on images); this module drives them.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lageo_utils.calibration import fit_temperature, nll
 from lageo_utils.checkpoints import (
     CheckpointError,
     capture_rng_state,
@@ -38,12 +38,13 @@ from lageo_utils.checkpoints import (
 from lageo_utils.files import atomic_write
 from lageo_utils.images import collate_skip_failures, default_num_workers
 from lageo_utils.model import autocast, load_clip, resolve_device, weights_identity
+from lageo_utils.params import ParamError
 from lageo_utils.predict import RegionClassifier, load_classifier_state
 from lageo_utils.prompts import encode_region_texts
 from lageo_utils.training.config import EMBEDDING_STRATEGIES, RESUMABLE_CHANGES, TrainConfig
 from lageo_utils.training.data import TrainData, checked_manifest, frame_hash
 from lageo_utils.training.embedding import embedding_data_factory
-from lageo_utils.training.encoder import image_data, train_transform, unfreeze
+from lageo_utils.training.encoder import image_data, train_transform, trainable_encoder
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,9 @@ def train(
 
 def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config, device, cache_dir, clip, checkpoint):
     region_ids = [str(r) for r in regions["id"]]
-    train_df = checked_manifest(train_manifest, regions, "train")
-    val_df = checked_manifest(val_manifest, regions, "val")
+    # Training and model selection see only the training regions' images (train_regions); evaluation keeps all.
+    train_df = _training_regions(checked_manifest(train_manifest, regions, "train"), config, region_ids, "train")
+    val_df = _training_regions(checked_manifest(val_manifest, regions, "val"), config, region_ids, "val")
     data_hashes = {"train": frame_hash(train_df), "val": frame_hash(val_df)}
     if checkpoint is not None:
         if checkpoint["region_ids"] != region_ids:
@@ -170,14 +172,26 @@ def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config,
         visual = model.visual
         embed = embedding_data_factory(model, preprocess, image_root, cache_dir, config, device)
         val = embed(val_df, region_ids)
-        train = embed(train_df, region_ids) if config.strategy == "linear_probe" else None
+        train = embed(train_df, region_ids) if config.strategy != "zeroshot" else None
     else:
-        visual = copy.deepcopy(model.visual)
-        unfreeze(visual, config)
+        visual = trainable_encoder(model.visual, config)
         val = image_data(val_df, region_ids, preprocess, image_root)
         train = image_data(train_df, region_ids, train_transform(preprocess, visual, config.augment), image_root)
-    classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=config.strategy != "contrastive")
+    classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=config.head)
     return new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes)
+
+
+def _training_regions(df: pd.DataFrame, config: TrainConfig, region_ids: list[str], name: str) -> pd.DataFrame:
+    """The rows of the regions ``config.train_regions`` names (all rows when it is None)."""
+    if config.train_regions is None:
+        return df
+    unknown = sorted(set(config.train_regions) - set(region_ids))
+    if unknown:
+        raise ParamError(f"train_regions {unknown} are not in the region file (ids: {region_ids})")
+    kept = df[df["region_id"].astype(str).isin(config.train_regions)].reset_index(drop=True)
+    if kept.empty:
+        raise ValueError(f"the {name} split has no image of train_regions {config.train_regions}")
+    return kept
 
 
 def new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes) -> _Run:
@@ -195,11 +209,11 @@ def new_run(config, classifier, region_ids, train, val, device, out, base_identi
 def _optimizer(classifier: RegionClassifier, config: TrainConfig, total_steps: int):
     """AdamW (decay on encoder matrices only) and a per-step linear warm-up + cosine schedule."""
     decay, no_decay = [], []
-    if config.strategy != "linear_probe":
+    if config.strategy not in EMBEDDING_STRATEGIES:
         for name, param in classifier.visual.named_parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 and "embedding" not in name else no_decay).append(param)
-    head = list(classifier.head.parameters()) if classifier.head is not None else []
+    head = classifier.head_parameters()
     groups = [{"params": params, "weight_decay": wd}
               for params, wd in ((decay, config.weight_decay), (no_decay, 0.0), (head, 0.0)) if params]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
@@ -312,22 +326,36 @@ def _optimizer_step(run: _Run) -> None:
 
 
 @torch.no_grad()
-def _evaluate(run: _Run, epoch: int) -> tuple[float, float]:
-    """Validation loss and accuracy over all regions."""
+def _validation_logits(run: _Run, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every readable validation image (all regions), on the CPU."""
     data = run.val
     run.classifier.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    logits, labels = [], []
     loader = _loader(run, data, shuffle=False, epoch=epoch)
-    for inputs, labels in tqdm(_batches(run, data, loader), total=len(loader), desc="validation", leave=False):
-        if inputs is None:
-            continue
-        logits = _logits(run, inputs, data.images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(dim=1) == labels).sum())
-        count += len(labels)
-    if count == 0:
+    for inputs, batch_labels in tqdm(_batches(run, data, loader), total=len(loader), desc="validation", leave=False):
+        if inputs is not None:
+            logits.append(_logits(run, inputs, data.images).cpu())
+            labels.append(batch_labels.cpu())
+    if not logits:
         raise ValueError("the validation split has no readable images")
-    return loss_sum / count, correct / count
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _evaluate(run: _Run, epoch: int) -> tuple[float, float]:
+    """Validation loss and accuracy over all regions."""
+    logits, labels = _validation_logits(run, epoch)
+    return float(F.cross_entropy(logits, labels)), float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def _calibrate(run: _Run) -> dict:
+    """Fit the best checkpoint's temperature on the validation split and store it in ``best.pt``."""
+    best = load_checkpoint(run.out_dir / BEST)
+    load_classifier_state(run.classifier, best["model"], complete=run.self_contained)
+    logits, labels = _validation_logits(run, epoch=best["epoch"])
+    temperature = fit_temperature(logits, labels)
+    save_checkpoint({**best, "temperature": temperature}, run.out_dir / BEST)
+    return {"temperature": temperature, "val_nll": nll(logits, labels), "val_nll_calibrated": nll(logits, labels,
+                                                                                                   temperature)}
 
 
 def fit(run: _Run, on_step: StepHook | None) -> None:
@@ -401,6 +429,7 @@ def _save(run: _Run, improved: bool) -> None:
         "epoch": run.epoch,
         "model": _model_state(run),
         "logit_scale": run.classifier.logit_scale,
+        "head": run.classifier.head_kind,
         "base_identity": run.base_identity,
         "self_contained": run.self_contained,
         "data_hashes": run.data_hashes,
@@ -456,6 +485,7 @@ def _finish(run: _Run) -> TrainResult:
         skipped.update(data.failures if data is not None else {})
     if skipped:
         log.warning("%d unreadable images were skipped: %s", len(skipped), list(skipped.items())[:5])
+    calibration = _calibrate(run)
     summary = {
         "strategy": config.strategy,
         "epochs_run": run.epoch,
@@ -469,11 +499,14 @@ def _finish(run: _Run) -> TrainResult:
         "pretrained": config.pretrained,
         "lr": config.learning_rate,
         "batch_size": config.batch_size,
+        "trainable_params": sum(p.numel() for group in run.optimizer.param_groups for p in group["params"])
+        if run.optimizer is not None else 0,
         "n_train": _readable(run.train, skipped),
         "n_val": _readable(run.val, skipped),
         "data_hashes": run.data_hashes,
         "seconds": float(sum(h["seconds"] for h in run.history)),
         "skipped_images": [{"image_path": p, "reason": r} for p, r in sorted(skipped.items())],
+        **calibration,
         "config": config.to_dict(),
     }
     (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))

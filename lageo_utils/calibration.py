@@ -1,0 +1,36 @@
+"""Temperature scaling (Guo et al., 2017): one scalar per model, fitted on the validation split.
+
+Dividing the logits by a temperature changes no prediction's rank, only its confidence.
+Hand-written: a one-parameter maximum-likelihood fit that scikit-learn and torch do not ship.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def fit_temperature(logits, labels, max_iter: int = 200) -> float:
+    """The temperature that minimises the negative log-likelihood of ``labels`` under ``softmax(logits / T)``."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need (n, classes) logits and n labels, got {tuple(logits.shape)} and {len(labels)}")
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def nll(logits, labels, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    return float(F.cross_entropy(logits / temperature, torch.as_tensor(np.asarray(labels), dtype=torch.long)))
