@@ -10,23 +10,28 @@ from collections.abc import Sequence
 
 from torch import nn
 
-# open_clip's ViT blocks: ``attn`` (nn.MultiheadAttention), ``mlp.c_fc`` and ``mlp.c_proj`` (nn.Linear).
-DEFAULT_LORA_TARGETS = ("attn", "c_fc", "c_proj")
+# Attention and MLP of each transformer block: open_clip's ViT (``attn`` is nn.MultiheadAttention, ``mlp.c_fc``,
+# ``mlp.c_proj``) and timm's ViT (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``).
+CLIP_LORA_TARGETS = ("attn", "c_fc", "c_proj")
+TIMM_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
-def add_lora(visual: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+def add_lora(visual: nn.Module, rank: int, alpha: float, targets: Sequence[str] | None = None,
              dropout: float = 0.0) -> nn.Module:
-    """Add LoRA adapters to the modules named ``targets``; only the adapters stay trainable.
+    """Add LoRA adapters to the modules named ``targets`` (default: every block's attention and MLP); only the
+    adapters stay trainable.
 
     The adapters start at zero (``lora_B`` is zero-initialised), so the encoder's output is unchanged.
     """
     from peft import LoraConfig, inject_adapter_in_model  # imported here: peft pulls in transformers
 
     names = {name.rsplit(".", 1)[-1] for name, _ in visual.named_modules()}
+    if targets is None:
+        targets = CLIP_LORA_TARGETS if "c_fc" in names else TIMM_LORA_TARGETS
     missing = sorted(set(targets) - names)
     if missing:
-        raise ValueError(f"lora_targets {missing} name no module of the image encoder "
-                         f"({type(visual).__name__}); e.g. {', '.join(DEFAULT_LORA_TARGETS)}")
+        raise ValueError(f"lora_targets {missing} name no module of the image encoder ({type(visual).__name__}); "
+                         f"open_clip ViTs have {', '.join(CLIP_LORA_TARGETS)}, timm ViTs {', '.join(TIMM_LORA_TARGETS)}")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout)
     visual = inject_adapter_in_model(config, visual)
     for name, param in visual.named_parameters():

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from lageo_utils.files import atomic_write
 from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
-from lageo_utils.model import autocast, resolve_device, weights_identity
+from lageo_utils.model import autocast, has_text_tower, resolve_device, weights_identity
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cache layout or key changes
+CACHE_FORMAT = 2  # bump when the cache layout or key changes (2: the backbone family)
 INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
 
@@ -214,6 +214,7 @@ class EmbeddingCache:
         """The cache for this model name, visual weights, preprocessing, decoder and precision."""
         meta = {
             "format": CACHE_FORMAT,
+            "family": "open_clip" if has_text_tower(model) else "image-only",
             "model": model_name or type(model).__name__,
             "weights": weights_identity(model),
             "preprocess": re.sub(r" at 0x[0-9a-f]+", "", repr(preprocess)),  # drop per-process addresses

@@ -16,12 +16,19 @@ from pathlib import Path
 
 import huggingface_hub
 import open_clip
+import timm
 import torch
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "lageo-tiny"
+TIMM_PREFIX = "timm:"
+# Randomly initialised image-only test backbones, as lageo-tiny is for CLIP: name -> (timm architecture, overrides).
+# Mean-pooled patch tokens: at random initialisation the class token comes out the same for every image.
+TIMM_TEST_MODELS = {"lageo-tiny-dinov2": ("vit_small_patch14_dinov2", {"img_size": 56, "depth": 2, "embed_dim": 64,
+                                                                       "num_heads": 2, "global_pool": "avg"})}
 WEIGHTS_ENV = "LAGEO_CLIP_WEIGHTS"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -100,6 +107,107 @@ def load_clip(
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
 
+class ImageOnlyModel(nn.Module):
+    """An image backbone (timm) behind the part of the CLIP interface lageo uses: ``visual`` and ``encode_image``.
+
+    It has no text tower, so the text-side methods (zero-shot, ``text_scale``, ``contrastive``)
+    do not apply; a linear head over its pooled features starts from zero.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.visual = backbone
+        backbone.output_dim = backbone.num_features  # what embedding code reads, as on open_clip's encoders
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+
+def has_text_tower(model) -> bool:
+    """Whether ``model`` can embed text (CLIP) or only images (``ImageOnlyModel``)."""
+    return hasattr(model, "encode_text")
+
+
+def backbone_family(model_name: str) -> str:
+    return "timm" if model_name.startswith(TIMM_PREFIX) else "open_clip"
+
+
+def load_model(model_name: str, pretrained: str | os.PathLike | None, device: str | torch.device = "auto",
+               cache_dir: str | os.PathLike | None = None):
+    """CLIP (an open_clip name) or an image-only backbone (``timm:<name>``): ``(model, preprocess, tokenizer)``,
+    the tokenizer ``None`` for image-only backbones."""
+    if backbone_family(model_name) == "timm":
+        return load_timm(model_name, pretrained, device)
+    return load_clip(model_name, pretrained, device, cache_dir)
+
+
+def load_timm(model_name: str, pretrained: str | os.PathLike | None, device: str | torch.device = "auto"):
+    """A timm image backbone (``timm:vit_small_patch14_dinov2``) as an ``ImageOnlyModel`` with timm's eval transform.
+
+    ``pretrained``: a timm weights tag of that architecture (``lvd142m``; ``default``: its default
+    tag), taken from the Hugging Face cache exactly as CLIP weights are; a local checkpoint file; or
+    ``None`` for random weights (what the tests do, e.g. with ``timm:lageo-tiny-dinov2``).
+    """
+    arch, overrides = _timm_architecture(model_name)
+    pretrained = normalize_pretrained(pretrained)
+    target = resolve_device(device)
+    source = _resolve_timm_weights(model_name, arch, pretrained)
+    try:
+        if source is None or Path(source).is_file():
+            backbone = timm.create_model(arch, pretrained=False, num_classes=0, **overrides)
+            if source is not None:
+                timm.models.load_checkpoint(backbone, source, strict=False)
+        else:
+            backbone = timm.create_model(source, pretrained=True, num_classes=0, **overrides)
+    except Exception as exc:
+        if source is None:
+            raise
+        raise WeightsUnavailableError(_weights_help(model_name, source, f"loading failed ({type(exc).__name__}: "
+                                                                        f"{exc})")) from exc
+    config = timm.data.resolve_model_data_config(backbone)
+    size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+    if size is not None:  # a backbone built at another size than its published weights
+        config["input_size"] = (3, *size)
+    preprocess = timm.data.create_transform(**config, is_training=False)
+    model = ImageOnlyModel(backbone).to(target).eval()
+    log.info("loaded %s (weights: %s) on %s", model_name, source or "random init", target)
+    return model, preprocess, None
+
+
+def _timm_architecture(model_name: str) -> tuple[str, dict]:
+    name = model_name.removeprefix(TIMM_PREFIX)
+    arch, overrides = TIMM_TEST_MODELS.get(name, (name, {}))
+    if not timm.is_model(arch.split(".")[0]):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(TIMM_PREFIX + c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown timm model {arch!r}{hint}")
+    return arch, overrides
+
+
+def _resolve_timm_weights(model_name: str, arch: str, pretrained: str | None) -> str | None:
+    """None (random), a checkpoint file, or ``architecture.tag`` of published weights."""
+    if pretrained is None:
+        return None
+    if Path(pretrained).suffix or os.sep in pretrained:
+        if not Path(pretrained).is_file():
+            raise WeightsUnavailableError(_weights_help(model_name, pretrained, "the checkpoint file does not exist"))
+        return pretrained
+    if model_name.removeprefix(TIMM_PREFIX) in TIMM_TEST_MODELS:
+        raise WeightsUnavailableError(_weights_help(model_name, pretrained, "a test model has no published weights"))
+    base = arch.split(".")[0]
+    tags = [name.split(".", 1)[1] for name in timm.list_pretrained(base + ".*")]
+    tag = arch.split(".", 1)[1] if "." in arch else (tags[0] if pretrained == "default" and tags else pretrained)
+    if tag not in tags:
+        raise WeightsUnavailableError(_weights_help(model_name, pretrained, f"unknown tag (known tags: {tags or 'none'})"))
+    return f"{base}.{tag}"
+
+
+def _timm_hub_file(source: str) -> tuple[str, list[str]] | None:
+    """The Hugging Face repository and candidate file names of published timm weights."""
+    hub = timm.models.get_pretrained_cfg(source).hf_hub_id if timm.models.get_pretrained_cfg(source) else None
+    return (hub, ["model.safetensors", "pytorch_model.bin"]) if hub else None
+
+
 def check_weights(model_name: str, pretrained: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None,
                   timeout_s: float = 10.0) -> None:
     """Fail at once, without loading anything, if ``load_clip(model_name, pretrained)`` could not get its weights.
@@ -108,21 +216,28 @@ def check_weights(model_name: str, pretrained: str | os.PathLike | None, cache_d
     (the same text ``load_clip`` gives) for a missing file, an unknown tag, or a tag that is neither
     in the Hugging Face cache nor downloadable now.
     """
-    if model_name not in open_clip.list_models():
-        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model {model_name!r}{hint} (open_clip knows e.g. ViT-B-32, ViT-L-14, {TINY_MODEL})")
-    source = _resolve_weights(model_name, normalize_pretrained(pretrained))
-    if source is None or Path(source).is_file():
-        return
-    hub = open_clip.get_pretrained_cfg(model_name, source).get("hf_hub", "")
-    if not hub:
-        return  # a URL download (a few older tags); load_clip reports its failure
-    repo, filename = os.path.split(hub)  # "org/name/" names the default file
-    filename = filename or HF_WEIGHTS_NAME
-    # open_clip tries a safetensors file first, as here
-    candidates = [HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else str(Path(filename).with_suffix(".safetensors")),
-                  filename]
+    if backbone_family(model_name) == "timm":
+        source = _resolve_timm_weights(model_name, _timm_architecture(model_name)[0], normalize_pretrained(pretrained))
+        if source is None or Path(source).is_file() or _timm_hub_file(source) is None:
+            return
+        repo, candidates = _timm_hub_file(source)
+    else:
+        if model_name not in open_clip.list_models():
+            close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown model {model_name!r}{hint} (open_clip knows e.g. ViT-B-32, ViT-L-14, "
+                             f"{TINY_MODEL}; image-only backbones: timm:<name>)")
+        source = _resolve_weights(model_name, normalize_pretrained(pretrained))
+        if source is None or Path(source).is_file():
+            return
+        hub = open_clip.get_pretrained_cfg(model_name, source).get("hf_hub", "")
+        if not hub:
+            return  # a URL download (a few older tags); load_clip reports its failure
+        repo, filename = os.path.split(hub)  # "org/name/" names the default file
+        filename = filename or HF_WEIGHTS_NAME
+        # open_clip tries a safetensors file first, as here
+        candidates = [HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME
+                      else str(Path(filename).with_suffix(".safetensors")), filename]
     if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=cache_dir), str)
            for name in candidates):
         return
@@ -172,11 +287,12 @@ def _resolve_weights(model_name: str, pretrained: str | None) -> str | None:
 
 def _weights_help(model_name: str, tried: str, problem: str) -> str:
     return (
-        f"CLIP weights for {model_name!r} are unavailable: tried {tried!r}, {problem}.\n"
+        f"Weights for {model_name!r} are unavailable: tried {tried!r}, {problem}.\n"
         "Fix it in one of two ways:\n"
-        "  1. run once with internet access so open_clip downloads and caches the weights "
+        "  1. run once with internet access so the weights are downloaded and cached "
         "(Hugging Face cache, ~/.cache/huggingface), then work offline;\n"
-        f"  2. pass a local checkpoint file (--pretrained /path/to/ViT-B-32.pt) or set {WEIGHTS_ENV}=/path/to/file.\n"
-        "For a pipeline test without weights use --model lageo-tiny --pretrained none (random weights, "
-        "no geolocation skill)."
+        f"  2. pass a local checkpoint file (--pretrained /path/to/weights.pt), or for CLIP set "
+        f"{WEIGHTS_ENV}=/path/to/file.\n"
+        f"For a pipeline test without weights use --model {TINY_MODEL} (or {TIMM_PREFIX}lageo-tiny-dinov2) "
+        "--pretrained none (random weights, no geolocation skill)."
     )

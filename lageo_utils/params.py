@@ -133,8 +133,10 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           low=0),
     Param("area_normalize", bool, False, "the authors' area-normalised sampling", "data"),
     # model
-    Param("model", str, "ViT-B-32", "open_clip model name (lageo-tiny: the tiny test model)", "model"),
-    Param("pretrained", str, "openai", "open_clip weights tag, a local checkpoint path, or none (random weights)",
+    Param("model", str, "ViT-B-32", "open_clip model name, or timm:<name> for an image-only backbone (DINOv2: "
+          "timm:vit_base_patch14_dinov2); lageo-tiny, timm:lageo-tiny-dinov2: tiny test models", "model"),
+    Param("pretrained", str, "openai", "weights tag (open_clip: openai, ...; timm: lvd142m, default), a local "
+          "checkpoint path, or none (random weights)",
           "model", optional=True),
     Param("device", str, "auto", "where models run; auto: CUDA, then Apple MPS, then the CPU", "model",
           pattern=r"auto|cpu|mps|cuda(:\d+)?", pattern_text="auto | cpu | cuda | cuda:N | mps"),

@@ -27,7 +27,7 @@ from lageo_utils.checkpoints import CheckpointError, load_checkpoint
 from lageo_utils.embed import embed_manifest
 from lageo_utils.geo import haversine_km
 from lageo_utils.images import open_rgb, to_rgb
-from lageo_utils.model import autocast, load_clip, resolve_device, weights_identity
+from lageo_utils.model import autocast, has_text_tower, load_model, resolve_device, weights_identity
 from lageo_utils.prompts import encode_region_texts
 from lageo_utils.regions import assign_regions
 
@@ -129,6 +129,9 @@ class GeoPredictor:
         self.scale = scale
         self.model_name = model_name
         if classifier is None:
+            if not has_text_tower(model):
+                raise ValueError(f"{model_name or type(model).__name__} has no text tower: zero-shot needs CLIP; "
+                                 "train a head on its image features instead (linear_probe, partial, lora or full)")
             text = encode_region_texts(model, tokenizer, self.regions, templates, self.device)
             logit_scale = float(model.logit_scale.detach().float().exp()) if scale == "learned" else 1.0
             classifier, class_ids = RegionClassifier(model.visual, text, logit_scale, head="cosine"), self.region_ids
@@ -298,14 +301,14 @@ def load_finetuned(checkpoint_path: str | os.PathLike, regions, device: str | to
         raise ValueError(f"{path}: regions {unknown} are not in the checkpoint (trained with {state['region_ids']})")
     model_name, pretrained = config["model_name"], config["pretrained"]
     target = resolve_device(device)
-    model, preprocess, tokenizer = clip if clip is not None else load_clip(model_name, pretrained, target)
+    model, preprocess, tokenizer = clip if clip is not None else load_model(model_name, pretrained, target)
     model = copy.deepcopy(model).to(target) if clip is not None else model
     if not state["self_contained"] and weights_identity(model) != state["base_identity"]:
         raise CheckpointError(f"{path}: {model_name} weights {pretrained!r} are not those this "
                               "checkpoint was trained from")
     model_state = state["model"]
     if config["strategy"] == "lora":
-        model.visual = add_lora(model.visual, config["lora_rank"], config["lora_alpha"], config["lora_targets"])
+        model.visual = add_lora(model.visual, config["lora_rank"], config["lora_alpha"], config.get("lora_targets"))
     head = state.get("head", "linear" if "head.weight" in model_state else "cosine")  # older checkpoints: no "head"
     classifier = RegionClassifier(model.visual, model_state["class_embeddings"], state["logit_scale"], head=head)
     load_classifier_state(classifier, model_state, complete=state["self_contained"])
@@ -327,6 +330,6 @@ def load_predictor(model_name: str, pretrained, regions: gpd.GeoDataFrame, check
         if templates is not None or scale != "learned":
             raise ValueError("templates and scale come from the checkpoint's own config; do not pass them with it")
         return load_finetuned(checkpoint, regions, device)
-    model, preprocess, tokenizer = load_clip(model_name, pretrained, device=device)
+    model, preprocess, tokenizer = load_model(model_name, pretrained, device=device)
     return GeoPredictor(model, preprocess, tokenizer, regions, templates=templates, device=device, scale=scale,
                         model_name=model_name)

@@ -203,13 +203,13 @@ def embedding_cache_dir() -> Path:
 
 
 def load_model(params: dict):
-    """``load_clip`` for the run's model; seeded first, so random weights (demo) are reproducible."""
+    """The run's model (CLIP or an image-only backbone); seeded first, so random weights (demo) are reproducible."""
     import torch
 
-    from lageo_utils.model import load_clip
+    from lageo_utils.model import load_model
 
     torch.manual_seed(params["seed"])
-    return load_clip(params["model"], params["pretrained"], device=params["device"])
+    return load_model(params["model"], params["pretrained"], device=params["device"])
 
 
 def zero_shot(run: RunDir, params: dict) -> pd.DataFrame:

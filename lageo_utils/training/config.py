@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from lageo_utils.adapters import DEFAULT_LORA_TARGETS
 from lageo_utils.model import normalize_pretrained
 from lageo_utils.params import STRATEGIES, ParamError, check_value
 
@@ -13,6 +12,7 @@ EMBEDDING_STRATEGIES = ("zeroshot", "text_scale", "linear_probe")  # trained (or
 ENCODER_STRATEGIES = ("partial", "lora", "full", "contrastive")  # train image-encoder weights on images
 DEFAULT_LR = {"zeroshot": 0.0, "text_scale": 1e-2, "linear_probe": 1e-3, "partial": 1e-5, "lora": 1e-4, "full": 1e-5,
               "contrastive": 1e-5}
+TEXT_STRATEGIES = ("zeroshot", "text_scale", "contrastive")  # need the region prompts' text embeddings
 HEAD_OF = {"zeroshot": "linear", "text_scale": "scaled", "contrastive": "cosine"}  # every other strategy: linear
 # Settings a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = ("epochs", "patience", "num_workers")
@@ -21,7 +21,7 @@ PARAM_NAMES = {"model_name": "model"}
 LIST_FIELDS = ("lora_targets", "train_regions", "templates")
 
 __all__ = ["DEFAULT_LR", "EMBEDDING_STRATEGIES", "ENCODER_STRATEGIES", "HEAD_OF", "RESUMABLE_CHANGES", "STRATEGIES",
-           "TrainConfig"]
+           "TEXT_STRATEGIES", "TrainConfig"]
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_targets: list[str] | None = None  # None: every block's attention and MLP (see adapters)
     train_regions: list[str] | None = None  # train (and select the best epoch) on these regions' images; None: all
     templates: list[str] | None = None  # region prompt templates; None: the seed's template
     embed_batch_size: int = 64  # for computing cached embeddings (zeroshot, text_scale, linear_probe)
@@ -60,7 +60,7 @@ class TrainConfig:
         self.pretrained = normalize_pretrained(self.pretrained)
         for name in LIST_FIELDS:
             value = getattr(self, name)
-            if value is None and name != "lora_targets":
+            if value is None:
                 continue
             if isinstance(value, str) or not isinstance(value, list | tuple) or not value or not all(
                     isinstance(v, str) and v for v in value):

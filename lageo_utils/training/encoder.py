@@ -42,11 +42,19 @@ def trainable_encoder(visual: nn.Module, config: TrainConfig) -> nn.Module:
         return add_lora(visual, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout)
     if config.strategy != "partial":
         return visual.requires_grad_(True)
-    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-    if blocks is None or not hasattr(visual, "lock"):
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)  # open_clip ViT
+    if blocks is None:
+        blocks = getattr(visual, "blocks", None)  # timm ViT
+    if blocks is None:
         raise ValueError(f"strategy 'partial' needs a ViT image encoder; {type(visual).__name__} has no blocks")
     if config.unfreeze_blocks > len(blocks):
         raise ValueError(f"unfreeze_blocks={config.unfreeze_blocks} but the encoder has {len(blocks)} blocks")
-    # open_clip's groups: ..., each block, [last block + ln_post], proj: N blocks + the projection.
-    visual.lock(unlocked_groups=config.unfreeze_blocks + 1)
+    if hasattr(visual, "lock"):
+        # open_clip's groups: ..., each block, [last block + ln_post], proj: N blocks + the projection.
+        visual.lock(unlocked_groups=config.unfreeze_blocks + 1)
+        return visual
+    visual.requires_grad_(False)  # timm: the last blocks and the final norms
+    for module in [*blocks[-config.unfreeze_blocks:], getattr(visual, "norm", None), getattr(visual, "fc_norm", None)]:
+        if module is not None:
+            module.requires_grad_(True)
     return visual

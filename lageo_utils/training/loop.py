@@ -37,11 +37,17 @@ from lageo_utils.checkpoints import (
 )
 from lageo_utils.files import atomic_write
 from lageo_utils.images import collate_skip_failures, default_num_workers
-from lageo_utils.model import autocast, load_clip, resolve_device, weights_identity
+from lageo_utils.model import autocast, has_text_tower, load_model, resolve_device, weights_identity
 from lageo_utils.params import ParamError
 from lageo_utils.predict import RegionClassifier, load_classifier_state
 from lageo_utils.prompts import encode_region_texts
-from lageo_utils.training.config import EMBEDDING_STRATEGIES, RESUMABLE_CHANGES, TrainConfig
+from lageo_utils.training.config import (
+    EMBEDDING_STRATEGIES,
+    RESUMABLE_CHANGES,
+    STRATEGIES,
+    TEXT_STRATEGIES,
+    TrainConfig,
+)
 from lageo_utils.training.data import TrainData, checked_manifest, frame_hash
 from lageo_utils.training.embedding import embedding_data_factory
 from lageo_utils.training.encoder import image_data, train_transform, trainable_encoder
@@ -157,16 +163,21 @@ def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config,
         if checkpoint["data_hashes"] != data_hashes:
             raise CheckpointError(f"{out / LAST}: the train/val manifests changed since the checkpoint was written")
 
-    model, preprocess, tokenizer = clip if clip is not None else load_clip(config.model_name, config.pretrained, device)
+    model, preprocess, tokenizer = clip if clip is not None else load_model(config.model_name, config.pretrained, device)
     model = model.to(device)
+    if not has_text_tower(model) and config.strategy in TEXT_STRATEGIES:
+        raise ValueError(f"strategy {config.strategy!r} needs a text tower; {config.model_name} is image-only "
+                         f"(use one of {', '.join(s for s in STRATEGIES if s not in TEXT_STRATEGIES)})")
     base_identity = weights_identity(model)
     if checkpoint is not None and checkpoint["base_identity"] != base_identity:
         raise CheckpointError(f"{out / LAST}: the model's weights differ from those the run started with")
     if checkpoint is not None:
         class_embeddings = checkpoint["model"]["class_embeddings"].to(device)
-    else:
+    elif has_text_tower(model):
         class_embeddings = encode_region_texts(model, tokenizer, regions, templates=config.templates, device=device)
-    logit_scale = float(model.logit_scale.exp().item())
+    else:  # no text to start from: the linear head starts at zero
+        class_embeddings = torch.zeros(len(region_ids), model.visual.output_dim, device=device)
+    logit_scale = float(model.logit_scale.exp().item()) if has_text_tower(model) else 1.0
 
     if config.strategy in EMBEDDING_STRATEGIES:
         visual = model.visual

@@ -1,0 +1,81 @@
+"""Image-only backbones (timm, e.g. DINOv2): loading, weight checks, image-side strategies, text-side refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_finetune import data, one_thread, predict_val, run_training, tiny_config  # noqa: F401
+
+from lageo_utils.checkpoints import load_checkpoint
+from lageo_utils.embed import EmbeddingCache
+from lageo_utils.model import WeightsUnavailableError, check_weights, load_model
+from lageo_utils.predict import GeoPredictor, load_finetuned
+from lageo_utils.training import TrainConfig
+
+TIMM_TINY = "timm:lageo-tiny-dinov2"
+LR = {"linear_probe": 0.05, "partial": 1e-3, "lora": 5e-3}
+
+
+def timm_config(strategy: str, **changes) -> TrainConfig:
+    settings = tiny_config("linear_probe").to_dict()
+    return TrainConfig(**{**settings, "strategy": strategy, "model_name": TIMM_TINY, "lr": LR.get(strategy), **changes})
+
+
+def test_a_timm_backbone_loads_as_an_image_only_model():
+    model, preprocess, tokenizer = load_model(TIMM_TINY, None, device="cpu")
+    assert tokenizer is None and not hasattr(model, "encode_text")
+    from PIL import Image
+
+    pixels = preprocess(Image.new("RGB", (120, 90), (10, 200, 30))).unsqueeze(0)
+    assert pixels.shape == (1, 3, 56, 56)
+    assert model.encode_image(pixels).shape == (1, model.visual.output_dim) == (1, 64)
+
+
+@pytest.mark.parametrize(
+    ("model", "pretrained", "error", "message"),
+    [
+        ("timm:vit_smal_patch14_dinov2", "default", ValueError, "did you mean 'timm:vit_small_patch14_dinov2'"),
+        ("timm:vit_small_patch14_dinov2", "nope", WeightsUnavailableError, r"unknown tag \(known tags: \['lvd142m'\]\)"),
+        ("timm:vit_small_patch14_dinov2", "lvd142m", WeightsUnavailableError, "HF_HUB_OFFLINE is set"),
+        (TIMM_TINY, "default", WeightsUnavailableError, "a test model has no published weights"),
+    ],
+)
+def test_timm_weights_are_checked_like_clip_weights(model, pretrained, error, message):
+    with pytest.raises(error, match=message):
+        check_weights(model, pretrained)
+    if error is WeightsUnavailableError:
+        with pytest.raises(WeightsUnavailableError, match="internet"):
+            load_model(model, pretrained, device="cpu")
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "partial", "lora"])
+def test_image_side_strategies_learn_on_a_timm_backbone(data, tmp_path, strategy):
+    result = run_training(data, tmp_path, timm_config(strategy))
+    summary = result.summary
+    assert summary["best_val_acc"] >= summary["zeroshot_val_acc"] + 0.3, summary
+    state = load_checkpoint(result.best_checkpoint)
+    assert not state["model"]["class_embeddings"].any()  # no text: the head started from zero
+    predictions = predict_val(load_finetuned(result.best_checkpoint, data.regions, "cpu"), data)
+    assert predictions["correct"].mean() == pytest.approx(summary["best_val_acc"])
+
+
+@pytest.mark.parametrize("strategy", ["zeroshot", "text_scale", "contrastive"])
+def test_text_side_strategies_say_they_need_a_text_tower(data, tmp_path, strategy):
+    with pytest.raises(ValueError, match=rf"strategy '{strategy}' needs a text tower; {TIMM_TINY} is image-only"):
+        run_training(data, tmp_path, timm_config(strategy))
+
+
+def test_zero_shot_needs_clip(regions):
+    model, preprocess, _ = load_model(TIMM_TINY, None, device="cpu")
+    with pytest.raises(ValueError, match="has no text tower: zero-shot needs CLIP"):
+        GeoPredictor(model, preprocess, None, regions, device="cpu", model_name=TIMM_TINY)
+
+
+def test_the_embedding_cache_keeps_backbone_families_apart(tmp_path):
+    clip_model, clip_pre, _ = load_model("lageo-tiny", None, device="cpu")
+    timm_model, timm_pre, _ = load_model(TIMM_TINY, None, device="cpu")
+    device = torch.device("cpu")
+    clip_cache = EmbeddingCache.for_model(tmp_path, clip_model, clip_pre, device, "lageo-tiny")
+    timm_cache = EmbeddingCache.for_model(tmp_path, timm_model, timm_pre, device, TIMM_TINY)
+    assert clip_cache.directory != timm_cache.directory
+    assert '"family": "image-only"' in (timm_cache.directory / "meta.json").read_text()
