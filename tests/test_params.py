@@ -33,7 +33,7 @@ def outputs(tmp_path, monkeypatch):
         ("epochs", "8", r"epochs must be an integer >= 1, got '8'"),
         ("epochs", True, r"epochs must be an integer >= 1, got True"),
         ("batch_size", 0, r"batch_size must be an integer >= 1, got 0"),
-        ("strategy", "bogus", r"unknown strategy 'bogus'; choose one of: zeroshot, linear_probe"),
+        ("strategy", "bogus", r"unknown strategy 'bogus'; choose one of: zeroshot, text_scale, linear_probe"),
         ("strategy", "linear-probe", r"unknown strategy 'linear-probe' \(did you mean 'linear_probe'\?\)"),
         ("lr", "abc", r"lr must be a number > 0 \| none, got 'abc'"),
         ("lr", 0, r"lr must be a number > 0"),
