@@ -75,7 +75,11 @@ def test_lora_resumes_after_an_interruption_to_the_same_result(data, base_weight
     whole = run_training(data, tmp_path / "whole", config)
     pd.testing.assert_frame_equal(resumed.history.drop(columns="seconds"), whole.history.drop(columns="seconds"))
     got, want = load_checkpoint(resumed.best_checkpoint)["model"], load_checkpoint(whole.best_checkpoint)["model"]
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert got.keys() == want.keys()
+    # Within float rounding, not bit for bit: peft's nn.MultiheadAttention adapter merges its weights into the base
+    # weights before each forward pass and subtracts them after, so the frozen base drifts by ~1e-8 per step.
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
 
 
 def test_text_scale_starts_at_zero_shot_and_trains_a_scale_and_a_bias_per_region(data, reference):

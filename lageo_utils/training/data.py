@@ -8,9 +8,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from lageo_utils.data import read_manifest
+
+
+def collate_embeddings(batch: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Stack ``(embedding, index)`` items; an empty batch (a process's empty slice) gives ``(None, no indices)``."""
+    if not batch:
+        return None, torch.empty(0, dtype=torch.long)
+    return default_collate(batch)
 
 
 @dataclass

@@ -48,7 +48,8 @@ from lageo_utils.training.config import (
     TEXT_STRATEGIES,
     TrainConfig,
 )
-from lageo_utils.training.data import TrainData, checked_manifest, frame_hash
+from lageo_utils.training.data import TrainData, checked_manifest, collate_embeddings, frame_hash
+from lageo_utils.training.distributed import ONE, GlobalBatchSampler, Processes, from_environment
 from lageo_utils.training.embedding import embedding_data_factory
 from lageo_utils.training.encoder import image_data, train_transform, trainable_encoder
 
@@ -97,6 +98,7 @@ class _Run:
     resumed_from: int | None = None
     # Checkpoints also hold the frozen encoder weights: a randomly initialised base cannot be reloaded.
     self_contained: bool = False
+    processes: Processes = field(default_factory=Processes)  # torch.distributed: this process's rank and the world
 
     @property
     def epoch(self) -> int:
@@ -126,8 +128,12 @@ def train(
     ``(model, preprocess, tokenizer)`` matching ``config.model_name``/``pretrained``; it is never
     modified. ``cache_dir`` holds the embedding cache (default ``out_dir/embedding_cache``).
     ``on_step(epoch, batch)`` is called after every training batch (progress, tests).
+
+    Started by ``torchrun --nproc_per_node N``, every process trains on its slice of each global
+    batch (see ``training.distributed``) and process 0 writes the files.
     """
     config = config or TrainConfig()
+    processes = from_environment()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(out / LAST) if resume else None
@@ -136,12 +142,12 @@ def train(
     with deterministic():
         seed_everything(config.seed)
         run = _prepare_run(
-            train_manifest, val_manifest, regions, image_root, out, config, resolve_device(device),
-            Path(cache_dir) if cache_dir is not None else out / "embedding_cache", clip, checkpoint,
+            train_manifest, val_manifest, regions, image_root, out, config, processes.device(resolve_device(device)),
+            Path(cache_dir) if cache_dir is not None else out / "embedding_cache", clip, checkpoint, processes,
         )
         if checkpoint is None:
             run.zeroshot_val_acc = _evaluate(run, epoch=0)[1]
-            log.info("zero-shot validation accuracy: %.4f", run.zeroshot_val_acc)
+            _info(run, "zero-shot validation accuracy: %.4f", run.zeroshot_val_acc)
             if config.strategy == "zeroshot":
                 run.best_val_acc = run.zeroshot_val_acc
                 _save(run, improved=True)
@@ -151,7 +157,8 @@ def train(
     return _finish(run)
 
 
-def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config, device, cache_dir, clip, checkpoint):
+def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config, device, cache_dir, clip, checkpoint,
+                 processes):
     region_ids = [str(r) for r in regions["id"]]
     # Training and model selection see only the training regions' images (train_regions); evaluation keeps all.
     train_df = _training_regions(checked_manifest(train_manifest, regions, "train"), config, region_ids, "train")
@@ -181,7 +188,7 @@ def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config,
 
     if config.strategy in EMBEDDING_STRATEGIES:
         visual = model.visual
-        embed = embedding_data_factory(model, preprocess, image_root, cache_dir, config, device)
+        embed = embedding_data_factory(model, preprocess, image_root, cache_dir, config, device, processes)
         val = embed(val_df, region_ids)
         train = embed(train_df, region_ids) if config.strategy != "zeroshot" else None
     else:
@@ -189,7 +196,7 @@ def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config,
         val = image_data(val_df, region_ids, preprocess, image_root)
         train = image_data(train_df, region_ids, train_transform(preprocess, visual, config.augment), image_root)
     classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=config.head)
-    return new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes)
+    return new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes, processes)
 
 
 def _training_regions(df: pd.DataFrame, config: TrainConfig, region_ids: list[str], name: str) -> pd.DataFrame:
@@ -205,10 +212,14 @@ def _training_regions(df: pd.DataFrame, config: TrainConfig, region_ids: list[st
     return kept
 
 
-def new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes) -> _Run:
+def new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes,
+            processes: Processes = ONE) -> _Run:
     """A run at epoch 0 with its optimizer, schedule and loss scaler."""
+    if config.batch_size % processes.world:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the number of processes "
+                         f"({processes.world}): it is the global batch, shared among them")
     run = _Run(config, classifier.to(device), region_ids, train, val, device, out, base_identity, data_hashes,
-               self_contained=config.pretrained is None)
+               self_contained=config.pretrained is None, processes=processes)
     if train is not None:
         if len(train.labels) == 0:
             raise ValueError("the training split has no readable images")
@@ -250,18 +261,21 @@ def _workers(config: TrainConfig, data: TrainData) -> int:
 
 
 def _loader(run: _Run, data: TrainData, shuffle: bool, epoch: int) -> DataLoader:
-    # A generator per epoch: the shuffle order is fixed by (seed, epoch), so a resumed epoch repeats it. Workers
-    # are seeded from it too (torch seeds random, numpy and torch in each worker from the loader's base seed).
-    generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + epoch)
-    batch_size = run.config.batch_size if shuffle else max(run.config.batch_size, run.config.embed_batch_size)
-    workers = _workers(run.config, data)
+    # The shuffle order is fixed by (seed, epoch), so a resumed epoch repeats it; every process draws the same one and
+    # takes its slice of each global batch. Validation: every process sees all images, in order. Workers are seeded
+    # from the generator (torch seeds random, numpy and torch in each worker from the loader's base seed).
+    seed = run.config.seed * 1_000_003 + epoch
+    if shuffle:
+        batches = GlobalBatchSampler(len(data.labels), run.config.batch_size, run.processes, seed)
+    else:
+        batches = GlobalBatchSampler(len(data.labels), max(run.config.batch_size, run.config.embed_batch_size), ONE,
+                                     None)
     return DataLoader(
         data.dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=workers,
-        collate_fn=collate_skip_failures if data.images else None,
+        batch_sampler=batches,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=_workers(run.config, data),
+        collate_fn=collate_skip_failures if data.images else collate_embeddings,
         pin_memory=run.device.type == "cuda",
     )
 
@@ -294,38 +308,45 @@ def _steps_per_epoch(run: _Run) -> int:
 
 
 def train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
-    """One epoch of training; returns the mean training loss."""
-    config, data = run.config, run.train
+    """One epoch of training; returns the mean training loss (over every process's images)."""
+    config, data, processes = run.config, run.train, run.processes
     run.classifier.train(data.images)
     # The loss covers only regions with training images: the others keep their text-initialised weights.
     train_classes = torch.unique(data.labels).to(run.device)
     remap = torch.full((len(run.region_ids),), -1, dtype=torch.long, device=run.device)
     remap[train_classes] = torch.arange(len(train_classes), device=run.device)
     loader = _loader(run, data, shuffle=True, epoch=epoch)
-    total, count, pending = torch.zeros((), device=run.device), 0, 0  # summed on the device: no sync per batch
+    total = torch.zeros((), device=run.device)  # summed on the device: no sync per batch on one process
+    count, pending = 0, 0
     run.optimizer.zero_grad(set_to_none=True)
-    progress = tqdm(_batches(run, data, loader), total=len(loader), desc=f"epoch {epoch}", leave=False)
+    progress = tqdm(_batches(run, data, loader), total=len(loader), desc=f"epoch {epoch}", leave=False,
+                    disable=not processes.main)
     for i, (inputs, labels) in enumerate(progress):
-        if inputs is not None:
+        here = len(labels) if inputs is not None else 0
+        # The global batch's readable images: the loss is their mean, whichever process holds them.
+        readable = here if processes.world == 1 else int(processes.sum_(torch.tensor(float(here))).item())
+        if here:
             logits = _logits(run, inputs, data.images)[:, train_classes]
-            loss = F.cross_entropy(logits, remap[labels])
-            run.scaler.scale(loss / config.grad_accum_steps).backward()
-            pending += 1
-            total += loss.detach() * len(labels)
-            count += len(labels)
+            loss = F.cross_entropy(logits, remap[labels], reduction="sum")
+            run.scaler.scale(loss / (readable * config.grad_accum_steps)).backward()
+            total += loss.detach()
+            count += here
             if i % 10 == 0:
                 progress.set_postfix(loss=f"{total.item() / count:.4f}")
+        pending += bool(readable)
         if pending and ((i + 1) % config.grad_accum_steps == 0 or i + 1 == len(loader)):
             _optimizer_step(run)
             pending = 0
         if on_step is not None:
             on_step(epoch, i)
+    count = int(processes.sum_(torch.tensor(float(count))).item()) if processes.world > 1 else count
     if count == 0:
         raise ValueError("no training image could be read in this epoch")
-    return total.item() / count
+    return processes.sum_(total.cpu()).item() / count
 
 
 def _optimizer_step(run: _Run) -> None:
+    run.processes.sum_gradients([p for group in run.optimizer.param_groups for p in group["params"]])
     if run.config.max_grad_norm is not None:
         run.scaler.unscale_(run.optimizer)
         params = [p for group in run.optimizer.param_groups for p in group["params"]]
@@ -343,7 +364,8 @@ def _validation_logits(run: _Run, epoch: int) -> tuple[torch.Tensor, torch.Tenso
     run.classifier.eval()
     logits, labels = [], []
     loader = _loader(run, data, shuffle=False, epoch=epoch)
-    for inputs, batch_labels in tqdm(_batches(run, data, loader), total=len(loader), desc="validation", leave=False):
+    for inputs, batch_labels in tqdm(_batches(run, data, loader), total=len(loader), desc="validation", leave=False,
+                                     disable=not run.processes.main):
         if inputs is not None:
             logits.append(_logits(run, inputs, data.images).cpu())
             labels.append(batch_labels.cpu())
@@ -360,11 +382,13 @@ def _evaluate(run: _Run, epoch: int) -> tuple[float, float]:
 
 def _calibrate(run: _Run) -> dict:
     """Fit the best checkpoint's temperature on the validation split and store it in ``best.pt``."""
+    run.processes.barrier()  # process 0 has written best.pt
     best = load_checkpoint(run.out_dir / BEST)
     load_classifier_state(run.classifier, best["model"], complete=run.self_contained)
     logits, labels = _validation_logits(run, epoch=best["epoch"])
     temperature = fit_temperature(logits, labels)
-    save_checkpoint({**best, "temperature": temperature}, run.out_dir / BEST)
+    if run.processes.main:
+        save_checkpoint({**best, "temperature": temperature}, run.out_dir / BEST)
     return {"temperature": temperature, "val_nll": nll(logits, labels), "val_nll_calibrated": nll(logits, labels,
                                                                                                    temperature)}
 
@@ -412,10 +436,16 @@ def _epochs(run: _Run, on_step: StepHook | None) -> None:
             run.bad_epochs += 1
         run.stopped_early = config.patience is not None and run.bad_epochs >= config.patience
         _save(run, improved)
-        log.info("epoch %d: train_loss %.4f, val_loss %.4f, val_acc %.4f%s", epoch, train_loss, val_loss, val_acc,
-                 " (best)" if improved else "")
+        _info(run, "epoch %d: train_loss %.4f, val_loss %.4f, val_acc %.4f%s", epoch, train_loss, val_loss, val_acc,
+              " (best)" if improved else "")
         if run.stopped_early:
-            log.info("early stopping: no better validation accuracy in %d epochs", config.patience)
+            _info(run, "early stopping: no better validation accuracy in %d epochs", config.patience)
+
+
+def _info(run: _Run, message: str, *args) -> None:
+    """Log from process 0 only."""
+    if run.processes.main:
+        log.info(message, *args)
 
 
 def _model_state(run: _Run) -> dict:
@@ -434,6 +464,11 @@ def _model_state(run: _Run) -> dict:
 
 
 def _save(run: _Run, improved: bool) -> None:
+    """Checkpoints and history, written by process 0 (every process takes part: the failures are gathered)."""
+    for failures in run.processes.gather(run.failures):
+        run.failures.update(failures)
+    if not run.processes.main:
+        return
     state = {
         "config": run.config.to_dict(),
         "region_ids": run.region_ids,
@@ -481,7 +516,7 @@ def _restore(run: _Run, checkpoint: dict) -> None:
     run.stopped_early, run.failures = checkpoint["stopped_early"], dict(checkpoint["failures"])
     run.resumed_from = checkpoint["epoch"]
     restore_rng_state(checkpoint["rng"])
-    log.info("resumed from epoch %d (best epoch %d, val_acc %.4f)", run.epoch, run.best_epoch, run.best_val_acc)
+    _info(run, "resumed from epoch %d (best epoch %d, val_acc %.4f)", run.epoch, run.best_epoch, run.best_val_acc)
 
 
 def _write_history(run: _Run) -> None:
@@ -494,7 +529,7 @@ def _finish(run: _Run) -> TrainResult:
     skipped = dict(run.failures)
     for data in (run.train, run.val):
         skipped.update(data.failures if data is not None else {})
-    if skipped:
+    if skipped and run.processes.main:
         log.warning("%d unreadable images were skipped: %s", len(skipped), list(skipped.items())[:5])
     calibration = _calibrate(run)
     summary = {
@@ -520,8 +555,10 @@ def _finish(run: _Run) -> TrainResult:
         **calibration,
         "config": config.to_dict(),
     }
-    (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
-    _write_history(run)
+    if run.processes.main:
+        (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+        _write_history(run)
+    run.processes.barrier()  # the others read what process 0 wrote
     return TrainResult(summary, pd.read_csv(run.out_dir / HISTORY), run.out_dir, run.out_dir / BEST,
                        run.out_dir / LAST)
 
