@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from lageo_utils.data import read_manifest, read_table, write_manifest
+from lageo_utils.notebook import setup_notebook
 from lageo_utils.regions import load_regions
 from lageo_utils.runs import (
     fork_run,
@@ -41,6 +42,7 @@ def open_step(step: str, run_dir: str | os.PathLike | None, profile: str = "demo
     Notebook parameters left at ``None`` inherit the run's ``params.yaml``; others override it
     (and are recorded there). Step 01 with no ``run_dir`` starts a new run from ``profile``.
     """
+    setup_notebook()  # figures display as PNG in every notebook, which all call open_step first
     given = {k: v for k, v in overrides.items() if v is not None}
     if step == "01_explore_data":
         if run_dir is None:
@@ -290,7 +292,7 @@ def evaluation_figures(run: Path, params: dict, metrics: dict, predictions: dict
 
 
 def explorer(run: Path, params: dict):
-    """The interactive explorer widget (needs a live kernel)."""
+    """The interactive explorer widget over both models' predictions (needs a live kernel)."""
     from lageo_utils.explorer import PredictionExplorer
 
-    return PredictionExplorer(load_predictions(run)["finetuned"], regions_of(params), image_root(run)).widget
+    return PredictionExplorer(load_predictions(run), regions_of(params), image_root(run), labels=MODEL_NAMES).widget

@@ -170,3 +170,31 @@ def test_report_screenshot_is_not_blank(demo_run, tmp_path):
         pytest.skip("headless Chromium not installed (apt-get install chromium)")
     stats = screenshot(demo_run / "report.html", tmp_path / "report.png")
     assert stats["std"] > 10 and stats["non_white"] > 0.02
+
+
+# a code cell draws a figure when it shows one the steps made, saves one, or embeds a saved one
+DRAWS_FIGURE = re.compile(r"figs\[|steps\.show\(|report\.figure\(")
+
+
+def test_executed_notebooks_show_figures_as_png_with_alt_text(demo_run):
+    import nbformat
+
+    drawn = {}
+    for path in sorted((demo_run / "notebooks").glob("*.ipynb")):
+        assert "<Figure size" not in path.read_text(), f"{path.name}: a figure came out as text"
+        notebook = nbformat.read(path, as_version=4)
+        cells = [c for c in notebook.cells if c.cell_type == "code" and DRAWS_FIGURE.search(c.source)]
+        drawn[path.name] = len(cells)
+        for cell in cells:
+            pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+            assert pngs, f"{path.name}: no image/png output in cell {cell.source!r}"
+            assert all(o.metadata["image/png"]["alt"] for o in pngs), f"{path.name}: image without alt text"
+    assert drawn == {"01_explore_data.ipynb": 4, "02_zero_shot.ipynb": 0, "03_finetune.ipynb": 1,
+                     "04_evaluate.ipynb": 7, "05_report.ipynb": 8}
+    # the explorer's picture lives in its ipywidgets Output, saved with the notebook's widget state
+    evaluate = nbformat.read(demo_run / "notebooks" / "04_evaluate.ipynb", as_version=4)
+    state = evaluate.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    shown = [o for model in state.values() if model["model_name"] == "OutputModel"
+             for o in model["state"].get("outputs", [])]
+    assert [sorted(o["data"]) for o in shown] == [["image/png", "text/plain"]]
+    assert "Zero-shot CLIP on images/" in shown[0]["metadata"]["image/png"]["alt"]
