@@ -103,3 +103,13 @@ print(json.dumps({"backend": plt.get_backend(), "text": data["text/plain"], "met
     assert "matplotlib_inline" in shown["backend"]
     assert shown["text"] == "Figure: after pyplot"
     assert shown["metadata"] == {"image/png": {"alt": "after pyplot"}}
+
+
+def test_notebooks_name_the_kernel_make_lab_installs():
+    from lageo_utils.notebook import KERNEL_NAME
+
+    notebooks = sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) == 5
+    for path in notebooks:
+        assert json.loads(path.read_text())["metadata"]["kernelspec"]["name"] == KERNEL_NAME, path.name
+    assert f"ipykernel install --sys-prefix --name {KERNEL_NAME} " in (PROJECT_ROOT / "Makefile").read_text()
