@@ -16,6 +16,9 @@ import io
 from matplotlib.figure import Figure
 
 KERNEL_NAME = "lageo"  # the kernelspec `make lab` installs and the notebooks name
+# papermill runs notebooks on ipykernel's built-in kernel: the Python that runs papermill, with no
+# kernelspec to install (the notebooks' `lageo` may be missing, e.g. in CI or a conda env)
+PAPERMILL_KERNEL = "python3"
 INLINE_BACKENDS = ("module://matplotlib_inline.backend_inline", "inline")
 
 
@@ -74,3 +77,27 @@ def figure_png(fig: Figure) -> tuple[str, dict]:
 
 def _pretty_figure(fig: Figure, printer, _cycle: bool) -> None:
     printer.text(f"Figure: {figure_alt_text(fig)}")
+
+
+# nbconvert's lab template drops an image's alt text (it writes "No description has been provided");
+# this block puts the output's ``alt`` metadata on its <img>, the rest of the template unchanged
+_ALT_TEMPLATE_NAME = "lageo_alt_text.html.j2"
+_ALT_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{% block data_png scoped %}
+{%- set alt = output | get_metadata('alt', 'image/png') -%}
+{%- if alt -%}
+{{ super() | replace('<img ', '<img alt="' ~ (alt | escape_html) ~ '" ', 1) }}
+{%- else -%}
+{{ super() }}
+{%- endif -%}
+{%- endblock data_png %}
+"""
+
+
+def html_exporter():
+    """nbconvert's ``lab`` HTML exporter that keeps each PNG's alt text (from its output metadata)."""
+    import jinja2
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(template_name="lab", template_file=_ALT_TEMPLATE_NAME,
+                        extra_loaders=[jinja2.DictLoader({_ALT_TEMPLATE_NAME: _ALT_TEMPLATE})])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from bs4 import BeautifulSoup
 from conftest import PROJECT_ROOT
 from matplotlib.figure import Figure
 from PIL import Image
@@ -113,3 +114,20 @@ def test_notebooks_name_the_kernel_make_lab_installs():
     for path in notebooks:
         assert json.loads(path.read_text())["metadata"]["kernelspec"]["name"] == KERNEL_NAME, path.name
     assert f"ipykernel install --sys-prefix --name {KERNEL_NAME} " in (PROJECT_ROOT / "Makefile").read_text()
+
+
+def test_html_export_keeps_the_alt_text(shell):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    from lageo_utils.notebook import html_exporter
+
+    setup_notebook()
+    data, metadata = shell.display_formatter.format(_figure('Errors <5 km & "far"'))
+    plain = new_output("display_data", data={"image/png": data["image/png"]})  # e.g. pyplot's inline PNG
+    notebook = new_notebook(cells=[new_code_cell("fig", outputs=[new_output("display_data", data=data,
+                                                                              metadata=metadata), plain])])
+    nbformat.validate(notebook)
+    html, _ = html_exporter().from_notebook_node(notebook)
+    alts = [img.get("alt") for img in BeautifulSoup(html, "html.parser").find_all("img")]
+    assert alts == ['Errors <5 km & "far"', "No description has been provided for this image"]  # nbconvert's

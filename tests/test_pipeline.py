@@ -17,6 +17,8 @@ import pytest
 from conftest import PROJECT_ROOT
 from PIL import Image
 
+from lageo_utils.notebook import PAPERMILL_KERNEL
+
 pytestmark = pytest.mark.slow
 REDUCED = ["-p", "demo_points_per_region", "3", "-p", "epochs", "2", "-p", "n_boot", "50", "-p", "demo_image_size", "96"]
 METRIC_KEYS = {"n_images", "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
@@ -103,7 +105,7 @@ def test_notebook_alone_with_papermill_forks_a_new_run(demo_run, env):
     before = (demo_run / "history.csv").read_text()
     papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "03_finetune.ipynb"), str(demo_run.parent / "alone.ipynb"),
                                parameters={"run_dir": str(demo_run), "epochs": 1}, cwd=str(PROJECT_ROOT / "notebooks"),
-                               progress_bar=False)
+                               kernel_name=PAPERMILL_KERNEL, progress_bar=False)
     assert (demo_run / "history.csv").read_text() == before  # the finished run is untouched
     children = [p for p in demo_run.parent.iterdir() if (p / "params.yaml").exists()
                 and f"parent_run: {demo_run.name}" in (p / "params.yaml").read_text()]
@@ -159,7 +161,7 @@ def test_missing_inputs_fail_at_the_first_cell(env, tmp_path):
     with pytest.raises(PapermillExecutionError, match="lacks the inputs of 04_evaluate"):
         papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "04_evaluate.ipynb"), str(tmp_path / "o.ipynb"),
                                    parameters={"run_dir": str(empty)}, cwd=str(PROJECT_ROOT / "notebooks"),
-                                   progress_bar=False)
+                                   kernel_name=PAPERMILL_KERNEL, progress_bar=False)
 
 
 def test_report_screenshot_is_not_blank(demo_run, tmp_path):
@@ -198,3 +200,5 @@ def test_executed_notebooks_show_figures_as_png_with_alt_text(demo_run):
              for o in model["state"].get("outputs", [])]
     assert [sorted(o["data"]) for o in shown] == [["image/png", "text/plain"]]
     assert "Zero-shot CLIP on images/" in shown[0]["metadata"]["image/png"]["alt"]
+    report_html = (demo_run / "report.html").read_text()
+    assert report_html.count("<img") >= 12 and "No description has been provided" not in report_html  # alt kept
