@@ -50,7 +50,7 @@ def _configure_inline_backend_first() -> None:
     """
     import matplotlib
 
-    if matplotlib.rcParams._get_backend_or_none() in INLINE_BACKENDS:
+    if matplotlib.get_backend(auto_select=False) in INLINE_BACKENDS:  # the backend named, not resolved
         importlib.import_module("matplotlib_inline.backend_inline")
 
 
