@@ -23,10 +23,13 @@ test: lint
 demo: setup
 	$(BIN)/lageo run --profile demo
 
+# JupyterLab on the notebooks with the kernel they name (`lageo`, this .venv's Python), so it opens
+# without asking for a kernel; jupyter-config/ holds its default settings (no news pop-up).
 lab: setup
 	$(BIN)/python -m pip install --quiet -e '.[test,lab]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name lageo --display-name "lageo (.venv)"
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter-config$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	  $(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: setup
 	$(BIN)/lageo bench embed --model ViT-B-32 --pretrained none --images 256

@@ -1,8 +1,9 @@
-"""An ipywidgets explorer of predictions: pick a region and an image, see its top-k and a map."""
+"""An ipywidgets explorer of predictions: pick a model, a region and an image; see its top-k and a map."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import geopandas as gpd
@@ -12,42 +13,89 @@ from IPython.display import display
 from matplotlib.figure import Figure
 
 from lageo_utils.images import ImageReadError, open_rgb
-
-MAP_CRS = "EPSG:3310"  # California Albers: metres, so distances look right
+from lageo_utils.maps import MAP_CRS
 
 
 class PredictionExplorer:
-    """Widgets over a predictions table; ``.widget`` is what a notebook displays."""
+    """Model, Region and Image dropdowns over predictions tables; ``.widget`` is what a notebook displays.
 
-    def __init__(self, predictions: pd.DataFrame, regions: gpd.GeoDataFrame, image_root: str | os.PathLike):
-        self.predictions = predictions.reset_index(drop=True)
+    ``predictions`` maps a model name (e.g. ``"zeroshot"``, ``"finetuned"``) to its predictions table;
+    ``labels`` gives the names the Model dropdown shows. Changing any control redraws the picture;
+    switching models keeps the region and image where the other table has them, so the same image
+    can be compared across models. The controls that choose a table are ``table_pickers``; another
+    one (e.g. a coordinate Method) is added there and joins the key in ``table``.
+    """
+
+    def __init__(self, predictions: Mapping[str, pd.DataFrame], regions: gpd.GeoDataFrame,
+                 image_root: str | os.PathLike, labels: Mapping[str, str] | None = None):
+        if not predictions:
+            raise ValueError("PredictionExplorer needs at least one predictions table")
+        self.predictions = {name: table.reset_index(drop=True) for name, table in predictions.items()}
+        self.labels = {name: (labels or {}).get(name, name) for name in self.predictions}
         self.regions = regions
         self.image_root = Path(image_root)
         self.names = dict(zip(regions["id"], regions["name"]))
-        present = [rid for rid in regions["id"] if (self.predictions["true_region"] == rid).any()]
-        self.region_picker = widgets.Dropdown(options=[(self.names[r], r) for r in present], description="Region")
-        self.image_picker = widgets.Dropdown(description="Image", layout=widgets.Layout(width="60%"))
+        self.model_picker = widgets.Dropdown(options=[(self.labels[m], m) for m in self.predictions],
+                                             description="Model")
+        self.region_picker = widgets.Dropdown(description="Region")
+        self.image_picker = widgets.Dropdown(description="Image", layout=widgets.Layout(width="50%"))
+        self.table_pickers = [self.model_picker]
+        self.controls = [*self.table_pickers, self.region_picker, self.image_picker]
         self.output = widgets.Output()
-        self.region_picker.observe(self._on_region, names="value")
-        self.image_picker.observe(self._on_image, names="value")
-        self.widget = widgets.VBox([widgets.HBox([self.region_picker, self.image_picker]), self.output])
-        self._on_region()
+        self.shown: Figure | None = None  # the figure on display
+        self._updating = False
+        self._refresh_choices()
+        for control in self.controls:
+            control.observe(self._on_change, names="value")
+        self.widget = widgets.VBox([widgets.HBox(self.controls), self.output])
+        self.redraw()
 
-    def _on_region(self, _change=None) -> None:
-        rows = self.predictions.index[self.predictions["true_region"] == self.region_picker.value]
-        self.image_picker.options = [(self.predictions.at[i, "image_path"], int(i)) for i in rows]
-        self.image_picker.value = int(rows[0]) if len(rows) else None
+    def table(self) -> pd.DataFrame:
+        """The predictions table the table pickers select."""
+        return self.predictions[self.model_picker.value]
 
-    def _on_image(self, _change=None) -> None:
+    def _on_change(self, change: dict) -> None:
+        if self._updating:  # options being refreshed: draw once, afterwards
+            return
+        if change["owner"] is not self.image_picker:
+            self._refresh_choices()
+        self.redraw()
+
+    def _refresh_choices(self) -> None:
+        """Regions and images of the current table, keeping the current ones where it has them."""
+        table = self.table()
+        present = [rid for rid in self.regions["id"] if (table["true_region"] == rid).any()]
+        region = self.region_picker.value if self.region_picker.value in present else next(iter(present), None)
+        paths = table.loc[table["true_region"] == region, "image_path"].tolist()
+        image = self.image_picker.value if self.image_picker.value in paths else next(iter(paths), None)
+        self._updating = True
+        try:
+            self.region_picker.options = [(self.names[rid], rid) for rid in present]
+            self.region_picker.value = region
+            self.image_picker.options = paths
+            self.image_picker.value = image
+        finally:
+            self._updating = False
+
+    def redraw(self) -> None:
+        """Show the figure of the selected model and image in ``output``."""
         self.output.clear_output(wait=True)
+        self.shown = None
         if self.image_picker.value is None:
             return
+        self.shown = self.figure(self.image_picker.value)
         with self.output:
-            display(self.figure(self.image_picker.value))
+            display(self.shown)
 
-    def figure(self, row: int):
-        """The image, its top-k probabilities and a map of the true point and predicted centroids."""
-        pred = self.predictions.loc[row]
+    def figure(self, image_path: str, model: str | None = None) -> Figure:
+        """The image, its top-k probabilities under ``model`` (default: the selected one) and a map
+        of the true point and the predicted centroids."""
+        model = model or self.model_picker.value
+        table = self.predictions[model]
+        rows = table.index[table["image_path"] == image_path]
+        if not len(rows):
+            raise KeyError(f"{image_path!r} is not in the {model!r} predictions")
+        pred = table.loc[rows[0]]
         fig = Figure(figsize=(15, 4.5))  # outside pyplot: nothing left open for the notebook to show twice
         ax_img, ax_bar, ax_map = fig.subplots(1, 3, width_ratios=[1, 1.1, 1.3])
         try:
@@ -63,7 +111,7 @@ class PredictionExplorer:
         ax_bar.barh([self.names[r] for r in top][::-1], probs[::-1], color=colours[::-1])
         ax_bar.set_xlim(0, 1)
         ax_bar.set_xlabel("probability")
-        ax_bar.set_title(f"top-{len(top)} (error {pred['error_km']:.1f} km)")
+        ax_bar.set_title(f"{self.labels[model]}: top-{len(top)} (error {pred['error_km']:.1f} km)")
 
         boxes = self.regions.to_crs(MAP_CRS)
         boxes.boundary.plot(ax=ax_map, color="lightgrey", linewidth=0.8)
@@ -81,4 +129,7 @@ class PredictionExplorer:
         ax_map.set_axis_off()
         ax_map.set_title("map (EPSG:3310)")
         fig.tight_layout()
+        fig.set_label(f"{self.labels[model]} on {pred['image_path']} (true: {self.names[pred['true_region']]}): "
+                      + ", ".join(f"{self.names[r]} {p:.0%}" for r, p in zip(top, probs))
+                      + f"; error {pred['error_km']:.1f} km")  # the alt text in notebooks
         return fig

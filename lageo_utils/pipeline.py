@@ -10,12 +10,12 @@ from pathlib import Path
 
 import nbformat
 import papermill
-from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
 from traitlets.config import Config
 
 from lageo_utils.data import ManifestError
 from lageo_utils.model import WeightsUnavailableError, check_weights
+from lageo_utils.notebook import PAPERMILL_KERNEL, html_exporter
 from lageo_utils.params import ParamError
 from lageo_utils.prompts import region_prompts
 from lageo_utils.regions import PROJECT_ROOT, RegionsError, load_regions
@@ -79,7 +79,8 @@ def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = N
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         papermill.execute_notebook(str(source), str(target), parameters=given, cwd=str(NOTEBOOKS_DIR),
-                                   kernel_name=kernel_name, progress_bar=False, config=KERNEL_CONFIG)
+                                   kernel_name=kernel_name or PAPERMILL_KERNEL, progress_bar=False,
+                                   config=KERNEL_CONFIG)
     except PapermillExecutionError as exc:
         raise StepFailed(
             f"notebook {source.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
@@ -90,7 +91,7 @@ def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = N
 
 def render_report(executed_report: Path, html_path: Path) -> Path:
     """Render the executed report notebook as one self-contained HTML file without code cells."""
-    exporter = HTMLExporter(template_name="lab")
+    exporter = html_exporter()  # the lab template, keeping each figure's alt text
     exporter.exclude_input = True
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True

@@ -18,6 +18,7 @@ import pandas as pd
 from lageo_utils.data import ManifestError, read_manifest, read_table, write_manifest
 from lageo_utils.files import atomic_write, sha256_file
 from lageo_utils.logs import configure_logging
+from lageo_utils.notebook import setup_notebook
 from lageo_utils.params import check_params
 from lageo_utils.regions import load_regions
 from lageo_utils.runs import (
@@ -48,6 +49,7 @@ def open_step(step: str, run_dir: str | os.PathLike | None, profile: str = "demo
     or value stops the notebook in its first cell. Step 01 with no ``run_dir`` starts a new run
     from ``profile``.
     """
+    setup_notebook()  # figures display as PNG in every notebook, which all call open_step first
     configure_logging()
     given = check_params({k: v for k, v in overrides.items() if v is not None})
     if step == "01_explore_data":
@@ -319,7 +321,7 @@ def evaluation_figures(run: RunDir, params: dict, metrics: dict, predictions: di
 
 
 def explorer(run: RunDir, params: dict):
-    """The interactive explorer widget (needs a live kernel)."""
+    """The interactive explorer widget over both models' predictions (needs a live kernel)."""
     from lageo_utils.explorer import PredictionExplorer
 
-    return PredictionExplorer(load_predictions(run)["finetuned"], regions_of(params), image_root(run)).widget
+    return PredictionExplorer(load_predictions(run), regions_of(params), image_root(run), labels=MODEL_LABELS).widget

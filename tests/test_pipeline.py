@@ -17,6 +17,8 @@ import pytest
 from conftest import PROJECT_ROOT
 from PIL import Image
 
+from lageo_utils.notebook import PAPERMILL_KERNEL
+
 pytestmark = pytest.mark.slow
 REDUCED = ["-p", "demo_points_per_region", "3", "-p", "epochs", "2", "-p", "n_boot", "50", "-p", "demo_image_size", "96"]
 METRIC_KEYS = {"n_images", "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
@@ -114,7 +116,7 @@ def test_notebook_alone_with_papermill_forks_a_new_run(demo_run, env):
     before = (demo_run / "history.csv").read_text()
     papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "03_finetune.ipynb"), str(demo_run.parent / "alone.ipynb"),
                                parameters={"run_dir": str(demo_run), "epochs": 1}, cwd=str(PROJECT_ROOT / "notebooks"),
-                               progress_bar=False)
+                               kernel_name=PAPERMILL_KERNEL, progress_bar=False)
     assert (demo_run / "history.csv").read_text() == before  # the finished run is untouched
     children = [p for p in demo_run.parent.iterdir() if (p / "params.yaml").exists()
                 and f"parent_run: {demo_run.name}" in (p / "params.yaml").read_text()]
@@ -172,7 +174,7 @@ def test_missing_inputs_fail_at_the_first_cell(env, tmp_path):
     with pytest.raises(PapermillExecutionError, match="lacks the inputs of 04_evaluate"):
         papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "04_evaluate.ipynb"), str(tmp_path / "o.ipynb"),
                                    parameters={"run_dir": str(empty)}, cwd=str(PROJECT_ROOT / "notebooks"),
-                                   progress_bar=False)
+                                   kernel_name=PAPERMILL_KERNEL, progress_bar=False)
 
 
 def test_report_screenshot_is_not_blank(demo_run, tmp_path):
@@ -183,3 +185,33 @@ def test_report_screenshot_is_not_blank(demo_run, tmp_path):
         pytest.skip("headless Chromium not installed (apt-get install chromium)")
     stats = screenshot(demo_run / "report.html", tmp_path / "report.png")
     assert stats["std"] > 10 and stats["non_white"] > 0.02
+
+
+# a code cell draws a figure when it shows one the steps made, saves one, or embeds a saved one
+DRAWS_FIGURE = re.compile(r"figs\[|steps\.show\(|report\.figure\(")
+
+
+def test_executed_notebooks_show_figures_as_png_with_alt_text(demo_run):
+    import nbformat
+
+    drawn = {}
+    for path in sorted((demo_run / "notebooks").glob("*.ipynb")):
+        assert "<Figure size" not in path.read_text(), f"{path.name}: a figure came out as text"
+        notebook = nbformat.read(path, as_version=4)
+        cells = [c for c in notebook.cells if c.cell_type == "code" and DRAWS_FIGURE.search(c.source)]
+        drawn[path.name] = len(cells)
+        for cell in cells:
+            pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+            assert pngs, f"{path.name}: no image/png output in cell {cell.source!r}"
+            assert all(o.metadata["image/png"]["alt"] for o in pngs), f"{path.name}: image without alt text"
+    assert drawn == {"01_explore_data.ipynb": 4, "02_zero_shot.ipynb": 0, "03_finetune.ipynb": 1,
+                     "04_evaluate.ipynb": 7, "05_report.ipynb": 8}
+    # the explorer's picture lives in its ipywidgets Output, saved with the notebook's widget state
+    evaluate = nbformat.read(demo_run / "notebooks" / "04_evaluate.ipynb", as_version=4)
+    state = evaluate.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    shown = [o for model in state.values() if model["model_name"] == "OutputModel"
+             for o in model["state"].get("outputs", [])]
+    assert [sorted(o["data"]) for o in shown] == [["image/png", "text/plain"]]
+    assert "Zero-shot CLIP on images/" in shown[0]["metadata"]["image/png"]["alt"]
+    report_html = (demo_run / "report.html").read_text()
+    assert report_html.count("<img") >= 12 and "No description has been provided" not in report_html  # alt kept
