@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from lageo_utils.runs import (
 log = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+CELL_TIMEOUT_ENV = "LAGEO_CELL_TIMEOUT"
 # Local kernels talk over Unix sockets: no TCP ports, and no "running over TCP without encryption" warning
 # from every kernel on the terminal.
 KERNEL_CONFIG = Config({"KernelManager": {"transport": "ipc"}})
@@ -69,6 +71,13 @@ def preflight(params: dict) -> None:
         raise RunError(str(exc)) from None
 
 
+def cell_timeout() -> int | None:
+    """Seconds one notebook cell may run (``LAGEO_CELL_TIMEOUT``; none by default: training cells can take hours).
+    Tests set it so that a stalled kernel fails a run instead of hanging it."""
+    value = os.environ.get(CELL_TIMEOUT_ENV)
+    return int(value) if value else None
+
+
 def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = None) -> Path:
     """Execute one notebook with the parameters it declares; its executed copy goes into the run."""
     source = NOTEBOOKS_DIR / f"{step}.ipynb"
@@ -80,7 +89,7 @@ def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = N
     try:
         papermill.execute_notebook(str(source), str(target), parameters=given, cwd=str(NOTEBOOKS_DIR),
                                    kernel_name=kernel_name or PAPERMILL_KERNEL, progress_bar=False,
-                                   config=KERNEL_CONFIG)
+                                   config=KERNEL_CONFIG, execution_timeout=cell_timeout())
     except PapermillExecutionError as exc:
         raise StepFailed(
             f"notebook {source.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "

@@ -35,7 +35,7 @@ def lageo(*args, env, check=True):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("outputs")
-    return {**os.environ, "LAGEO_OUTPUTS": str(outputs), "PYTHONHASHSEED": "0"}
+    return {**os.environ, "LAGEO_OUTPUTS": str(outputs), "PYTHONHASHSEED": "0", "LAGEO_CELL_TIMEOUT": "600"}
 
 
 @pytest.fixture(scope="module")
