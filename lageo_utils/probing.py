@@ -33,13 +33,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +63,9 @@ CENTER_FRACTION = 0.5  # share of the width and of the height covered by center_
 BLUR_SIGMA = 3.0  # pixels at the model's input scale
 REFERENCE_SIDE = 224  # the CLIP input side that blur sigmas refer to
 TEXT_MIN_CONFIDENCE = 60.0  # Tesseract word confidence (0-100) from which a word counts as text
+# Tesseract reads each image twice, in automatic page segmentation (3) and sparse-text mode (11, scattered words);
+# a word found by either counts: on street scenes each mode misses text the other finds.
+TEXT_OCR_MODES = (3, 11)
 TEXT_PAD = 0.25  # each word box is enlarged by this share of its height on every side before blurring
 TESSERACT_INSTALL = ("Tesseract OCR is not installed, so text_removal is skipped; install the `tesseract` program "
                      "(Debian/Ubuntu: apt-get install tesseract-ocr; macOS: brew install tesseract)")
@@ -189,6 +191,7 @@ class TextRemoval(Intervention):
 
     min_confidence: float = TEXT_MIN_CONFIDENCE
     pad: float = TEXT_PAD
+    ocr_modes: tuple[int, ...] = TEXT_OCR_MODES
     engine: str = ""
     boxes: Mapping[str, list] = field(default_factory=dict, repr=False, compare=False, hash=False)
     name = "text_removal"
@@ -202,7 +205,7 @@ class TextRemoval(Intervention):
         image = to_rgb(image)
         boxes = self.boxes.get(pixel_digest(image))
         if boxes is None:
-            boxes = find_text(image, self.min_confidence)
+            boxes = find_text(image, self.min_confidence, self.ocr_modes)
         return blur_boxes(image, boxes, self.pad)
 
 
@@ -258,16 +261,21 @@ def tesseract_available() -> bool:
     return True
 
 
-def find_text(image: Image.Image, min_confidence: float = TEXT_MIN_CONFIDENCE) -> list[list[int]]:
-    """Word boxes ``[left, top, width, height]`` Tesseract reads with at least ``min_confidence`` (0-100)."""
+def find_text(image: Image.Image, min_confidence: float = TEXT_MIN_CONFIDENCE,
+              ocr_modes: Sequence[int] = TEXT_OCR_MODES) -> list[list[int]]:
+    """Word boxes ``[left, top, width, height]`` Tesseract reads with at least ``min_confidence`` (0-100) in any of
+    the page segmentation modes ``ocr_modes`` (without repeats)."""
     import pytesseract
 
-    data = pytesseract.image_to_data(to_rgb(image), output_type=pytesseract.Output.DICT)
-    return [
-        [int(data["left"][i]), int(data["top"][i]), int(data["width"][i]), int(data["height"][i])]
-        for i, text in enumerate(data["text"])
-        if float(data["conf"][i]) >= min_confidence and any(ch.isalnum() for ch in str(text))
-    ]
+    image = to_rgb(image)
+    boxes: list[list[int]] = []
+    for mode in ocr_modes:
+        data = pytesseract.image_to_data(image, config=f"--psm {int(mode)}", output_type=pytesseract.Output.DICT)
+        for i, text in enumerate(data["text"]):
+            box = [int(data["left"][i]), int(data["top"][i]), int(data["width"][i]), int(data["height"][i])]
+            if float(data["conf"][i]) >= min_confidence and any(ch.isalnum() for ch in str(text)) and box not in boxes:
+                boxes.append(box)
+    return boxes
 
 
 def blur_boxes(image: Image.Image, boxes: Sequence[Sequence[int]], pad: float = TEXT_PAD) -> Image.Image:
@@ -289,15 +297,15 @@ def pixel_digest(image: Image.Image) -> str:
 
 
 def detect_text(paths: Sequence[str], root: str | os.PathLike | None = None, *,
-                min_confidence: float = TEXT_MIN_CONFIDENCE, cache_dir: str | os.PathLike | None = None,
-                workers: int | None = None) -> pd.DataFrame:
+                min_confidence: float = TEXT_MIN_CONFIDENCE, ocr_modes: Sequence[int] = TEXT_OCR_MODES,
+                cache_dir: str | os.PathLike | None = None, workers: int | None = None) -> pd.DataFrame:
     """Run Tesseract over image files: ``image_path, pixel_digest, n_words, text_found, boxes`` per readable image.
 
-    Results are kept in ``cache_dir/ocr/`` by file content (and the Tesseract version, the decoder and
-    ``min_confidence``), so a re-run reads no text again. Threads suffice: each OCR is a separate process.
+    Results are kept in ``cache_dir/ocr/`` by file content (and the Tesseract version, the decoder,
+    ``min_confidence`` and ``ocr_modes``), so a re-run reads no text again. Threads suffice: each OCR is a separate process.
     """
     engine = tesseract_version()
-    key = hashlib.sha256(json.dumps([engine, DECODER_SETTINGS, min_confidence]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([engine, DECODER_SETTINGS, min_confidence, list(ocr_modes)]).encode()).hexdigest()[:16]
     cache_file = Path(cache_dir) / "ocr" / f"{key}.json" if cache_dir else None
     known = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
     files = [Path(root) / p if root is not None else Path(p) for p in paths]
@@ -313,7 +321,7 @@ def detect_text(paths: Sequence[str], root: str | os.PathLike | None = None, *,
             image = open_rgb(path)
         except ImageReadError:
             return None
-        return {"file": digest, "pixels": pixel_digest(image), "boxes": find_text(image, min_confidence)}
+        return {"file": digest, "pixels": pixel_digest(image), "boxes": find_text(image, min_confidence, ocr_modes)}
 
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         found = list(pool.map(read, files))
@@ -356,9 +364,9 @@ def predict_intervened(predictor, manifest: pd.DataFrame, image_root, interventi
     text = None
     if isinstance(intervention, TextRemoval):
         text = detect_text(manifest["image_path"].astype(str).tolist(), image_root,
-                           min_confidence=intervention.min_confidence, cache_dir=cache_dir)
-        boxes = dict(zip(text["pixel_digest"], text["boxes"]))
-        intervention = TextRemoval(intervention.min_confidence, intervention.pad, intervention.engine, boxes)
+                           min_confidence=intervention.min_confidence, ocr_modes=intervention.ocr_modes,
+                           cache_dir=cache_dir)
+        intervention = replace(intervention, boxes=dict(zip(text["pixel_digest"], text["boxes"])))
     intervened = copy.copy(predictor)
     intervened.preprocess = InterventionPreprocess(intervention, predictor.preprocess)
     table = predict_manifest(intervened, manifest, image_root, batch_size=batch_size, top_k=top_k,
@@ -440,7 +448,7 @@ def region_drop_heatmap(drops: pd.DataFrame, regions: pd.DataFrame | None = None
         names = dict(zip(regions["id"].astype(str), regions["name"].astype(str)))
         table = table.rename(columns=names)
     points = table * 100
-    limit = max(1.0, float(np.nanmax(np.abs(points.to_numpy()))) if points.notna().any().any() else 1.0)
+    limit = max(1.0, float(np.nanmax(np.abs(points.to_numpy()), initial=0.0)))  # symmetric colour scale
     fig = new_figure((max(6.0, 0.6 * points.shape[1] + 3), max(3.0, 0.45 * points.shape[0] + 1.8)))
     ax = fig.add_subplot()
     sns.heatmap(points, annot=True, fmt=".0f", cmap="RdBu_r", center=0, vmin=-limit, vmax=limit, linewidths=0.5,
@@ -487,7 +495,7 @@ def intervention_regression(original: pd.DataFrame, intervened: Mapping[str, pd.
     if data.empty or data["correct"].nunique() < 2:
         raise ValueError("every image is answered the same (all right or all wrong) under every condition: "
                          "there is nothing to regress")
-    groups = pd.factorize(data[group])[0] if group and group in data.columns else np.arange(len(data))
+    groups = _clusters(data, group)
     regions = sorted(data["region"].unique())
     conditions = pd.get_dummies(data["condition"]).reindex(columns=names, fill_value=False).astype(float)
     region_dummies = pd.get_dummies(data["region"]).reindex(columns=regions[1:], fill_value=False).astype(float)
@@ -621,7 +629,7 @@ def intervention_thumbnails(image: Image.Image, interventions: Sequence[Interven
         thumb = picture.copy()
         thumb.thumbnail((thumb_size, thumb_size))
         ax.imshow(np.asarray(thumb))
-        ax.set_title(re.sub("_", " ", title), fontsize=9)
+        ax.set_title(title.replace("_", " "), fontsize=9)
         ax.set_axis_off()
     fig.tight_layout()
     return fig
