@@ -198,6 +198,7 @@ class TextRemoval(Intervention):
     description = "text found by Tesseract OCR blurred out"
 
     def __post_init__(self):
+        object.__setattr__(self, "ocr_modes", tuple(int(m) for m in self.ocr_modes))  # a list from YAML: same key
         if not self.engine:
             object.__setattr__(self, "engine", tesseract_version())
 

@@ -424,3 +424,10 @@ def test_predict_intervened_reports_the_share_of_images_with_text(zero_shot, reg
     monkeypatch.setattr(probing, "find_text", lambda *a, **k: pytest.fail("OCR ran again"))
     again = probing.predict_intervened(zero_shot, manifest, tmp_path, removal, cache_dir=tmp_path / "cache")
     pd.testing.assert_frame_equal(again, table)
+
+
+@needs_tesseract
+def test_text_removal_settings_from_yaml_lists_give_the_same_cache_key():
+    listed = make_intervention("text_removal", ocr_modes=[3, 11])
+    assert repr(listed) == repr(make_intervention("text_removal"))
+    assert "ocr_modes=(3, 11)" in repr(listed) and "boxes" not in repr(listed)
