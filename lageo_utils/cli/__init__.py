@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show every library's log lines and warnings (also in the notebooks' kernels)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # __main__: ``python -m lageo_utils.cli``
+            continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         module.register(subparsers)
     return parser

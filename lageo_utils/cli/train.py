@@ -12,7 +12,8 @@ def register(subparsers) -> None:
         "train",
         help="fine-tune CLIP on a split directory (best.pt, last.pt, history.csv, train_summary.json)",
         description="Train on SPLITS/train.csv, validate after every epoch on SPLITS/val.csv and write "
-        "best.pt, last.pt, history.csv and train_summary.json into --out.",
+        "best.pt, last.pt, history.csv and train_summary.json into --out. On several processes or GPUs: "
+        "torchrun --nproc_per_node N -m lageo_utils.cli train ... (--batch-size is the global batch).",
     )
     parser.add_argument("--splits", required=True, help="directory with train.csv and val.csv")
     parser.add_argument("--image-root", required=True, help="directory the manifests' image_path values are under")
@@ -20,13 +21,18 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (lageo-tiny for tests)")
     parser.add_argument("--pretrained", default="openai", help="open_clip tag, checkpoint PATH, or none")
     parser.add_argument("--strategy", default="linear_probe",
-                        help="zeroshot | linear_probe | partial | full | contrastive (default: linear_probe)")
+                        help="zeroshot | text_scale | linear_probe | partial | lora | full | contrastive "
+                        "(default: linear_probe)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the strategy's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--unfreeze-blocks", type=int, default=2, help="partial: trained transformer blocks")
+    parser.add_argument("--lora-rank", type=int, default=8, help="lora: adapter rank")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="lora: adapter scaling numerator")
+    parser.add_argument("--train-regions", default=None,
+                        help="train and select on these regions only (comma-separated ids); evaluation keeps all")
     parser.add_argument("--augment", action="store_true", help="random resized crop and colour jitter")
     parser.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without gain")
     parser.add_argument("--seed", type=int, default=42)
@@ -57,6 +63,8 @@ def _train(args) -> int:
             strategy=args.strategy, model_name=args.model, pretrained=args.pretrained, epochs=args.epochs,
             lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
             grad_accum_steps=args.grad_accum, unfreeze_blocks=args.unfreeze_blocks, augment=args.augment,
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+            train_regions=args.train_regions.split(",") if args.train_regions else None,
             patience=args.patience, seed=args.seed, num_workers=args.num_workers,
         )
         result = train(
