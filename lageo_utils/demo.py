@@ -26,6 +26,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+from sklearn.kernel_approximation import RBFSampler
 
 from lageo_utils.data import location_ids, prepare_manifest, write_manifest
 from lageo_utils.geo import EARTH_RADIUS_KM
@@ -263,35 +264,36 @@ def build_demo(
 LOOK_FIELDS = ("height", "density", "hue", "tone", "rhythm", "greenery", "road", "furniture", "hills", "ridge",
                "slope", "bend", "shore")
 FIELD_LENGTH_KM = 1.5  # the length scale over which a street's look changes (region boxes are 2-4 km wide)
-FIELD_FEATURES = 24  # random Fourier features per field
+FIELD_FEATURES = 64  # random Fourier features shared by the fields
 LOOK_AHEAD_KM = 0.1  # each heading sees the street this far ahead of the camera
 
 
 @functools.lru_cache(maxsize=256)
-def _look_fields(seed: int, region_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """Frequencies (fields x features x 3, per km) and phases of the region's random Fourier features."""
-    rng = np.random.default_rng([seed, zlib.crc32(region_id.encode()), 1])
-    frequencies = rng.normal(0.0, 1.0 / FIELD_LENGTH_KM, (len(LOOK_FIELDS), FIELD_FEATURES, 3))
-    phases = rng.uniform(0.0, 2 * np.pi, (len(LOOK_FIELDS), FIELD_FEATURES))
-    return frequencies, phases
+def _look_fields(seed: int, region_id: str) -> tuple[RBFSampler, np.ndarray]:
+    """The region's random Fourier features (of Earth-centred km) and each field's weights on them."""
+    region_key = zlib.crc32(region_id.encode())
+    features = RBFSampler(gamma=0.5 / FIELD_LENGTH_KM ** 2, n_components=FIELD_FEATURES,
+                          random_state=np.random.RandomState([seed, region_key, 1]))
+    weights = np.random.default_rng([seed, region_key, 2]).standard_normal((FIELD_FEATURES, len(LOOK_FIELDS)))
+    return features.fit(np.zeros((1, 3))), weights
 
 
 def street_look(region_id: str, latitude: float, longitude: float, heading: int = 0, seed: int = 0) -> dict[str, float]:
     """The smooth part of a scene: every field of ``LOOK_FIELDS`` at the spot the heading looks at, in (0, 1).
 
     Each field is a stationary Gaussian-process sample with a squared-exponential kernel of length
-    scale ``FIELD_LENGTH_KM``, seeded by ``seed`` and the region, drawn with random Fourier features
-    (Rahimi & Recht, 2007) on Earth-centred coordinates, so it is defined anywhere without a map
-    projection. Capture points a few hundred metres apart therefore look alike and the look drifts
-    across a region, as real neighbourhoods do. The normal CDF makes each value uniform on (0, 1).
-    Hand-written: GP libraries sample on a fixed grid of points, not at any coordinate on demand.
+    scale ``FIELD_LENGTH_KM``, seeded by ``seed`` and the region, drawn as random Fourier features
+    (scikit-learn's ``RBFSampler``) with Gaussian weights on Earth-centred coordinates, so it is
+    defined anywhere without a map projection. Capture points a few hundred metres apart therefore
+    look alike and the look drifts across a region, as real neighbourhoods do. The normal CDF
+    makes each value uniform on (0, 1).
     """
     lat, lon = np.radians(latitude), np.radians(longitude)
     ahead, bearing = LOOK_AHEAD_KM / EARTH_RADIUS_KM, np.radians(heading)
     lat, lon = lat + ahead * np.cos(bearing), lon + ahead * np.sin(bearing) / np.cos(lat)
-    position = EARTH_RADIUS_KM * np.array([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)])
-    frequencies, phases = _look_fields(seed, region_id)
-    gaussian = np.sqrt(2 / FIELD_FEATURES) * np.cos(frequencies @ position + phases).sum(axis=1)
+    position = EARTH_RADIUS_KM * np.array([[np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)]])
+    features, weights = _look_fields(seed, region_id)
+    gaussian = (features.transform(position) @ weights)[0]
     return {name: 0.5 * (1 + math.erf(z / math.sqrt(2))) for name, z in zip(LOOK_FIELDS, gaussian)}
 
 
@@ -447,7 +449,7 @@ class Scene:
                             fill=_rgb(np.array(colour) * (1 - lawn) + np.array((80, 135, 60)) * lawn))
 
     def sea(self, share: float, with_pier: bool) -> None:
-        depth = self.size * (0.07 + 0.08 * self.look["shore"])
+        depth = self.size * (0.09 + 0.05 * self.look["shore"])
         left, right = (0, self.size * share) if share > 0 else (self.size * (1 + share), self.size)
         y0, y1 = self.horizon_y, self.horizon_y + depth
         self.draw.rectangle([left, y0, right, y1], fill=(40, 105, 160))
