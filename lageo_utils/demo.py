@@ -329,7 +329,7 @@ def draw_scene(region_id: str, heading: int, latitude: float, longitude: float, 
         s.hills(style.hills, style.hill_height)
     if style.landmark in ("sign", "dome") and style.hills:
         s.landmark_on_hill(style.landmark)
-    s.ground(style.ground)
+    s.ground(style.ground, leafy=style.vegetation is not None)
     sea = _sea_share(style.sea_heading, heading)
     if sea:
         s.sea(sea, with_pier=style.landmark == "pier")
@@ -443,8 +443,8 @@ class Scene:
             self.draw.rectangle([x - w, y - w * 0.35, x + w, y + 2], fill=(240, 238, 230))
             self.draw.pieslice([x - w * 0.4, y - w * 0.8, x + w * 0.4, y], 180, 360, fill=(50, 55, 60))
 
-    def ground(self, colour: RGB) -> None:
-        lawn = 0.6 * self.look["greenery"]  # greener verges where the street is leafier
+    def ground(self, colour: RGB, leafy: bool) -> None:
+        lawn = 0.6 * self.look["greenery"] if leafy else 0.0  # greener verges where the street is leafier
         self.draw.rectangle([0, self.horizon_y, self.size, self.size],
                             fill=_rgb(np.array(colour) * (1 - lawn) + np.array((80, 135, 60)) * lawn))
 
