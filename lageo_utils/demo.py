@@ -1,16 +1,22 @@
 """The embedded demo dataset: deterministic synthetic street scenes at capture points in each region.
 
-Every region has its own look (palette, skyline, hills, vegetation, sea where it is coastal,
-a landmark shape), varied per capture point (layout, light, noise) and per heading (the road,
-the share of sky, mirrored compositions), so a small model can learn the regions without any
-two images being the same. For the eight regions shared with the seed authors, the capture
-points are real coordinates from their released metadata (``demo_points.csv``, MIT, see
-``DEMO_POINTS_LICENSE.txt``); the other regions get seeded random points inside their boxes.
-The images are synthetic: they show the pipeline working, not geolocation skill.
+Every region has its own style (palette, skyline, hills, vegetation, sea where it is coastal,
+a landmark shape), so a small model can learn the regions. Within a region, the look of a street
+(building heights, colours and density, greenery, street lights, road width, terrain) follows
+smooth random fields over space (``street_look``): like real streets, a scene resembles its
+neighbours a few hundred metres away and drifts across the region, so answering with the
+coordinates of similar gallery images can beat answering with the region's centre. Each heading
+of a capture point shows a different view (the road along or across, the share of sky, where
+things stand, mirrored compositions); clouds, cars, light and sensor noise change per image.
+For the eight regions shared with the seed authors, the capture points are real coordinates from
+their released metadata (``demo_points.csv``, MIT, see ``DEMO_POINTS_LICENSE.txt``); the other
+regions get seeded random points inside their boxes. The images are synthetic: they show the
+pipeline working, not geolocation skill.
 """
-
 from __future__ import annotations
 
+import functools
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -20,8 +26,10 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+from sklearn.kernel_approximation import RBFSampler
 
 from lageo_utils.data import location_ids, prepare_manifest, write_manifest
+from lageo_utils.geo import EARTH_RADIUS_KM
 from lageo_utils.regions import assign_regions, load_regions
 
 DEMO_POINTS_PATH = Path(__file__).with_name("demo_points.csv")
@@ -216,7 +224,7 @@ def capture_points(regions: gpd.GeoDataFrame, points_per_region: int, seed: int 
 def build_demo(
     out_dir: str | os.PathLike,
     *,
-    points_per_region: int = 8,
+    points_per_region: int = 40,
     seed: int = 0,
     image_size: int = 224,
     regions: gpd.GeoDataFrame | None = None,
@@ -236,12 +244,11 @@ def build_demo(
     regions = load_regions() if regions is None else regions
     points = capture_points(regions, points_per_region, seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    region_index = {rid: i for i, rid in enumerate(regions["id"])}
     rows = []
     for p in points.itertuples():
         for heading in HEADINGS:
             name = f"images/{p.region_id}_p{p.point:03d}_h{heading:03d}.jpg"
-            image = draw_scene(p.region_id, heading, (seed, region_index[p.region_id], p.point), image_size)
+            image = draw_scene(p.region_id, heading, p.latitude, p.longitude, seed=seed, size=image_size)
             image.save(out / name, quality=quality)
             rows.append((name, p.latitude, p.longitude, heading, p.region_id, p.point_origin))
     table = pd.DataFrame(rows, columns=["image_path", "latitude", "longitude", "heading", "region_id", "point_origin"])
@@ -252,31 +259,77 @@ def build_demo(
     return manifest
 
 
+# -- the look of a street: smooth random fields over space ---------------------------------------
+
+LOOK_FIELDS = ("height", "density", "hue", "tone", "rhythm", "greenery", "road", "furniture", "hills", "ridge",
+               "slope", "bend", "shore")
+FIELD_LENGTH_KM = 1.5  # the length scale over which a street's look changes (region boxes are 2-4 km wide)
+FIELD_FEATURES = 64  # random Fourier features shared by the fields
+LOOK_AHEAD_KM = 0.1  # each heading sees the street this far ahead of the camera
+
+
+@functools.lru_cache(maxsize=256)
+def _look_fields(seed: int, region_id: str) -> tuple[RBFSampler, np.ndarray]:
+    """The region's random Fourier features (of Earth-centred km) and each field's weights on them."""
+    region_key = zlib.crc32(region_id.encode())
+    features = RBFSampler(gamma=0.5 / FIELD_LENGTH_KM ** 2, n_components=FIELD_FEATURES,
+                          random_state=np.random.RandomState([seed, region_key, 1]))
+    weights = np.random.default_rng([seed, region_key, 2]).standard_normal((FIELD_FEATURES, len(LOOK_FIELDS)))
+    return features.fit(np.zeros((1, 3))), weights
+
+
+def street_look(region_id: str, latitude: float, longitude: float, heading: int = 0, seed: int = 0) -> dict[str, float]:
+    """The smooth part of a scene: every field of ``LOOK_FIELDS`` at the spot the heading looks at, in (0, 1).
+
+    Each field is a stationary Gaussian-process sample with a squared-exponential kernel of length
+    scale ``FIELD_LENGTH_KM``, seeded by ``seed`` and the region, drawn as random Fourier features
+    (scikit-learn's ``RBFSampler``) with Gaussian weights on Earth-centred coordinates, so it is
+    defined anywhere without a map projection. Capture points a few hundred metres apart therefore
+    look alike and the look drifts across a region, as real neighbourhoods do. The normal CDF
+    makes each value uniform on (0, 1).
+    """
+    lat, lon = np.radians(latitude), np.radians(longitude)
+    ahead, bearing = LOOK_AHEAD_KM / EARTH_RADIUS_KM, np.radians(heading)
+    lat, lon = lat + ahead * np.cos(bearing), lon + ahead * np.sin(bearing) / np.cos(lat)
+    position = EARTH_RADIUS_KM * np.array([[np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)]])
+    features, weights = _look_fields(seed, region_id)
+    gaussian = (features.transform(position) @ weights)[0]
+    return {name: 0.5 * (1 + math.erf(z / math.sqrt(2))) for name, z in zip(LOOK_FIELDS, gaussian)}
+
+
 # -- drawing ------------------------------------------------------------------------------------
 
 
-def draw_scene(region_id: str, heading: int, key: tuple[int, ...], size: int = 224) -> Image.Image:
-    """One synthetic street scene; ``key`` (e.g. seed, region index, point) fixes the capture point.
+def draw_scene(region_id: str, heading: int, latitude: float, longitude: float, *, seed: int = 0,
+               size: int = 224) -> Image.Image:
+    """One synthetic street scene of a region, seen from a capture point towards ``heading``.
 
-    Point-level traits (light, colour cast) come from ``key``; the layout from ``key`` and the heading.
+    Three sources of variation: the region's style (what makes regions recognisable); its look
+    fields at the capture point (``street_look``: building heights and colours, density, greenery,
+    street furniture, road width, terrain), which change smoothly with position; and the heading
+    (road along or across, the share of sky, where things stand, mirrored compositions). Transient
+    details (clouds, cars, light, sensor noise) are random per image.
     """
     style = style_for(region_id)
-    point_rng = np.random.default_rng(list(key))
-    rng = np.random.default_rng([*key, heading])
-    light = point_rng.uniform(0.85, 1.12)
-    cast = point_rng.normal(0, 6, 3)
+    look = street_look(region_id, latitude, longitude, heading, seed)
+    region_key = zlib.crc32(region_id.encode())
+    layout = np.random.default_rng([seed, region_key, heading, 2])  # where things stand along this view
+    rng = np.random.default_rng([seed, region_key, zlib.crc32(f"{latitude:.6f},{longitude:.6f}".encode()), heading])
+    light = rng.uniform(0.97, 1.03)
+    cast = rng.normal(0, 2, 3)
     mirrored = heading in (180, 270)
-    horizon = style.horizon + {0: 0.0, 90: 0.05, 180: -0.07, 270: 0.03}[heading] + rng.uniform(-0.04, 0.04)
-    vanish = {0: 0.5, 90: 0.5, 180: 0.5, 270: 0.28}[heading] + rng.uniform(-0.08, 0.08)
-    s = Scene(size, horizon, vanish, rng)
+    horizon = (style.horizon + {0: 0.0, 90: 0.05, 180: -0.07, 270: 0.03}[heading] + (look["slope"] - 0.5) * 0.14
+               + rng.uniform(-0.01, 0.01))
+    vanish = {0: 0.5, 90: 0.5, 180: 0.5, 270: 0.28}[heading] + (look["bend"] - 0.5) * 0.16 + rng.uniform(-0.01, 0.01)
+    s = Scene(size, horizon, vanish, look, layout, rng)
 
     s.sky(style.sky)
-    s.clouds(int(point_rng.integers(0, 4)))
+    s.clouds(int(rng.integers(0, 2)))
     if style.hills:
         s.hills(style.hills, style.hill_height)
     if style.landmark in ("sign", "dome") and style.hills:
         s.landmark_on_hill(style.landmark)
-    s.ground(style.ground)
+    s.ground(style.ground, leafy=style.vegetation is not None)
     sea = _sea_share(style.sea_heading, heading)
     if sea:
         s.sea(sea, with_pier=style.landmark == "pier")
@@ -288,6 +341,7 @@ def draw_scene(region_id: str, heading: int, key: tuple[int, ...], size: int = 2
     if style.landmark in ("billboards", "signs", "studio"):
         s.street_landmark(style.landmark)
     s.road(style.road, style.lane, across=heading == 90)
+    s.street_lights(across=heading == 90)
     s.cars(int(rng.integers(0, 3)), across=heading == 90)
     if style.vegetation:
         s.vegetation(style.vegetation, style.vegetation_colour, style.vegetation_count)
@@ -308,15 +362,44 @@ def _sea_share(sea_heading: int | None, heading: int) -> float:
     return {0: 1.0, 90: 0.5, 270: -0.5}.get(turn, 0.0)  # negative: sea on the left
 
 
-class Scene:
-    """A canvas with a horizon and a vanishing point; methods draw one layer each, back to front."""
+def _palette_at(colours: tuple[RGB, ...], t: float) -> np.ndarray:
+    """The palette as a colour wheel: position ``t`` (mod 1) blends the two neighbouring colours."""
+    t = (t % 1.0) * len(colours)
+    i, frac = int(t), t - int(t)
+    first, second = np.array(colours[i % len(colours)], float), np.array(colours[(i + 1) % len(colours)], float)
+    return first * (1 - frac) + second * frac
 
-    def __init__(self, size: int, horizon: float, vanish: float, rng: np.random.Generator):
+
+def _grown(level: float, threshold: float, ramp: float = 0.2) -> float:
+    """How far an optional thing (a building, a tree, a lamp post) has grown at this ``level`` of its field.
+
+    0 below its ``threshold``, full size ``ramp`` above it, linear between, so that scenes change
+    continuously with position instead of things popping in and out.
+    """
+    return float(np.clip((level - threshold) / ramp, 0.0, 1.0))
+
+
+def _rgb(colour: np.ndarray) -> RGB:
+    return tuple(int(c) for c in np.clip(colour, 0, 255))
+
+
+class Scene:
+    """A canvas with a horizon and a vanishing point; methods draw one layer each, back to front.
+
+    ``look`` holds the capture point's smooth fields, ``layout`` places things for the region and
+    heading (the same draws for every capture point), ``rng`` draws the transient details.
+    """
+
+    def __init__(self, size: int, horizon: float, vanish: float, look: dict[str, float],
+                 layout: np.random.Generator, rng: np.random.Generator):
         self.size = size
         self.horizon_y = int(size * horizon)
         self.vanish_x = size * vanish
+        self.look = look
+        self.layout = layout
         self.rng = rng
         self.ridge: list[tuple[float, float]] = []  # the hill outline, once drawn
+        self.road_half_width = 0.0  # at the bottom edge, once the road is drawn
         self.image = Image.new("RGB", (size, size))
         self.draw = ImageDraw.Draw(self.image)
 
@@ -329,16 +412,18 @@ class Scene:
 
     def clouds(self, count: int) -> None:
         for _ in range(count):
-            w = self.size * self.rng.uniform(0.1, 0.25)
+            w = self.size * self.rng.uniform(0.08, 0.18)
             x = self.rng.uniform(-0.1, 0.95) * self.size
-            y = self.rng.uniform(0.03, 0.6) * self.horizon_y
+            y = self.rng.uniform(0.03, 0.5) * self.horizon_y
             for dx in (0.0, 0.3, 0.55):
                 self.draw.ellipse([x + dx * w, y - w * 0.18, x + dx * w + w * 0.6, y + w * 0.12], fill=(246, 247, 250))
 
     def hills(self, colour: RGB, height: float) -> None:
         x = np.linspace(0, 1, 33)
-        phases = self.rng.uniform(0, 2 * np.pi, 3)
+        phases = 2 * np.pi * np.array([self.look["ridge"], 2 * self.look["ridge"] + self.look["hills"],
+                                       self.layout.random()])
         ridge = sum(np.sin(x * np.pi * f + p) / f for f, p in zip((1.5, 3.3, 7.1), phases))
+        height *= 0.55 + 0.9 * self.look["hills"]
         top = self.horizon_y - self.size * height * (0.65 + 0.35 * ridge / 1.6)
         outline = [(float(a * self.size), float(b)) for a, b in zip(x, top)]
         self.draw.polygon([*outline, (self.size, self.horizon_y), (0, self.horizon_y)], fill=colour)
@@ -347,7 +432,7 @@ class Scene:
     def landmark_on_hill(self, kind: str) -> None:
         ridge = self.ridge
         if kind == "sign":  # white letter blocks below the ridge
-            start = int(self.rng.integers(4, 14))
+            start = 4 + int(10 * self.look["ridge"])
             letter = self.size / 60
             for i in range(9):
                 x, y = ridge[start + i]
@@ -358,11 +443,13 @@ class Scene:
             self.draw.rectangle([x - w, y - w * 0.35, x + w, y + 2], fill=(240, 238, 230))
             self.draw.pieslice([x - w * 0.4, y - w * 0.8, x + w * 0.4, y], 180, 360, fill=(50, 55, 60))
 
-    def ground(self, colour: RGB) -> None:
-        self.draw.rectangle([0, self.horizon_y, self.size, self.size], fill=colour)
+    def ground(self, colour: RGB, leafy: bool) -> None:
+        lawn = 0.6 * self.look["greenery"] if leafy else 0.0  # greener verges where the street is leafier
+        self.draw.rectangle([0, self.horizon_y, self.size, self.size],
+                            fill=_rgb(np.array(colour) * (1 - lawn) + np.array((80, 135, 60)) * lawn))
 
     def sea(self, share: float, with_pier: bool) -> None:
-        depth = self.size * self.rng.uniform(0.08, 0.14)
+        depth = self.size * (0.09 + 0.05 * self.look["shore"])
         left, right = (0, self.size * share) if share > 0 else (self.size * (1 + share), self.size)
         y0, y1 = self.horizon_y, self.horizon_y + depth
         self.draw.rectangle([left, y0, right, y1], fill=(40, 105, 160))
@@ -381,31 +468,40 @@ class Scene:
             self.draw.ellipse([cx - r, py - 2 * r, cx + r, py], outline=(200, 60, 50), width=2)  # a Ferris wheel
 
     def reservoir(self) -> None:
-        w = self.size * self.rng.uniform(0.3, 0.45)
-        cx = self.rng.uniform(0.3, 0.7) * self.size
+        w = self.size * (0.28 + 0.2 * self.look["shore"])
+        cx = (0.3 + 0.4 * self.look["rhythm"]) * self.size
         y = self.horizon_y + self.size * 0.02
         self.draw.ellipse([cx - w, y, cx + w, y + self.size * 0.07], fill=(60, 120, 170))
 
     def cranes(self) -> None:
-        for _ in range(int(self.rng.integers(2, 4))):
-            x = self.rng.uniform(0.1, 0.9) * self.size
-            h = self.size * self.rng.uniform(0.12, 0.2)
+        shift = (self.look["rhythm"] - 0.5) * 0.3
+        for _ in range(3):
+            x = (self.layout.uniform(0.1, 0.9) + shift) * self.size
+            h = self.size * (0.1 + 0.12 * self.look["height"])
             y = self.horizon_y
             self.draw.line([x, y, x, y - h], fill=(200, 70, 40), width=2)
             self.draw.line([x + h * 0.35, y, x + h * 0.35, y - h], fill=(200, 70, 40), width=2)
             self.draw.line([x - h * 0.4, y - h, x + h * 0.9, y - h], fill=(200, 70, 40), width=2)
 
     def buildings(self, style: RegionStyle, near: bool) -> None:
+        """Twice ``building_count`` plots along the view; the look decides which are built, how high, which colour."""
         lo, hi = style.building_height
+        look = self.look
         scale = 1.35 if near else 1.0  # looking across the street: the facades are closer
-        for _ in range(style.building_count):
-            w = self.size * self.rng.uniform(0.07, 0.16) * scale
-            x = self.rng.uniform(-0.05, 1.0) * self.size
+        shift = (look["rhythm"] - 0.5) * 0.2
+        tone = 0.7 + 0.6 * look["tone"]
+        for _ in range(2 * style.building_count):
+            x0, width, own_height, own_hue, plot = self.layout.random(5)
+            built = _grown(0.15 + 0.85 * look["density"], plot)
+            if not built:
+                continue  # an empty plot
+            w = self.size * (0.07 + 0.09 * width) * scale
+            x = (x0 * 1.1 - 0.05 + shift) * self.size
             if not near and abs(x + w / 2 - self.vanish_x) < self.size * 0.06:
                 continue  # keep the end of the road open
-            h = self.size * self.rng.uniform(lo, hi) * scale
+            h = self.size * (lo + (hi - lo) * (0.4 * own_height + 0.6 * look["height"])) * scale * built
             base = self.horizon_y + (self.size * 0.08 if near else 0)
-            colour = style.buildings[int(self.rng.integers(len(style.buildings)))]
+            colour = _rgb(_palette_at(style.buildings, look["hue"] + 0.5 * own_hue) * tone)
             self.draw.rectangle([x, base - h, x + w, base], fill=colour)
             if style.roofs:
                 self.draw.polygon([(x - 2, base - h), (x + w + 2, base - h), (x + w / 2, base - h - w * 0.4)],
@@ -422,32 +518,35 @@ class Scene:
 
     def street_landmark(self, kind: str) -> None:
         if kind == "studio":  # a long windowless studio wall with a stripe
-            y = self.horizon_y
-            self.draw.rectangle([0, y - self.size * 0.12, self.size * 0.45, y], fill=(225, 215, 190))
-            self.draw.rectangle([0, y - self.size * 0.09, self.size * 0.45, y - self.size * 0.07], fill=(150, 40, 40))
+            y, length = self.horizon_y, self.size * (0.3 + 0.3 * self.look["density"])
+            self.draw.rectangle([0, y - self.size * 0.12, length, y], fill=(225, 215, 190))
+            self.draw.rectangle([0, y - self.size * 0.09, length, y - self.size * 0.07], fill=(150, 40, 40))
             return
         palette = ((230, 40, 60), (250, 200, 30), (40, 90, 220), (240, 240, 240), (20, 20, 20))
-        n = 3 if kind == "billboards" else 6
-        for _ in range(n):
-            big = kind == "billboards"
-            w = self.size * (self.rng.uniform(0.15, 0.25) if big else self.rng.uniform(0.04, 0.08))
+        big = kind == "billboards"
+        shift = (self.look["rhythm"] - 0.5) * 0.2
+        for _ in range(3 if big else 6):
+            x0, width, rise, pick, plot = self.layout.random(5)
+            shown = _grown(0.3 + 0.7 * self.look["furniture"], plot)
+            if not shown:
+                continue
+            w = self.size * (0.15 + 0.1 * width if big else 0.04 + 0.04 * width) * shown
             h = w * (0.5 if big else 1.6)
-            x = self.rng.uniform(0, 0.9) * self.size
-            y = self.horizon_y - self.size * self.rng.uniform(0.08, 0.25)
+            x = (0.9 * x0 + shift) * self.size
+            y = self.horizon_y - self.size * (0.08 + 0.17 * rise)
             if big:
                 self.draw.line([x + w / 2, y + h, x + w / 2, self.horizon_y], fill=(60, 60, 60), width=2)
-            colour = palette[int(self.rng.integers(len(palette)))]
-            self.draw.rectangle([x, y, x + w, y + h], fill=colour)
+            self.draw.rectangle([x, y, x + w, y + h], fill=palette[int(pick * len(palette))])
 
     def road(self, colour: RGB, lane: RGB, across: bool) -> None:
         size, hy = self.size, self.horizon_y
         if across:  # looking sideways: the road runs across the bottom of the picture
-            top = size * 0.82
+            top = size * (0.88 - 0.12 * self.look["road"])
             self.draw.rectangle([0, top, size, size], fill=colour)
-            for x in np.arange(self.rng.uniform(0, 20), size, size / 8):
-                self.draw.rectangle([x, top + size * 0.08, x + size / 16, top + size * 0.09], fill=lane)
+            for x in np.arange(self.layout.uniform(0, 20), size, size / 8):
+                self.draw.rectangle([x, top + size * 0.06, x + size / 16, top + size * 0.07], fill=lane)
             return
-        half_bottom = size * self.rng.uniform(0.35, 0.55)
+        half_bottom = self.road_half_width = size * (0.28 + 0.32 * self.look["road"])
         vx = self.vanish_x
         self.draw.polygon([(vx - 2, hy), (vx + 2, hy), (vx + half_bottom, size), (vx - half_bottom, size)], fill=colour)
         depth = size - hy
@@ -459,12 +558,34 @@ class Scene:
                 fill=lane,
             )
 
+    def street_lights(self, across: bool) -> None:
+        """Up to six lamp posts at the roadside; the look decides how many stand."""
+        size, hy, dark = self.size, self.horizon_y, (55, 58, 62)
+        for _ in range(6):
+            t, side, plot = self.layout.uniform(0.2, 0.95), self.layout.choice([-1, 1]), self.layout.random()
+            standing = _grown(self.look["furniture"], plot)
+            if not standing:
+                continue
+            if across:
+                x, base, h = t * size, size * (0.88 - 0.12 * self.look["road"]), size * 0.3
+            else:
+                base = hy + (size - hy) * t
+                x = self.vanish_x + side * (self.road_half_width * t + size * 0.02)
+                h = size * 0.45 * t
+            h *= standing
+            width = max(1, int(2.5 * h / (size * 0.3)))
+            self.draw.line([x, base, x, base - h], fill=dark, width=width)
+            arm = -side * h * 0.25 if not across else h * 0.2
+            self.draw.line([x, base - h, x + arm, base - h], fill=dark, width=width)
+            self.draw.ellipse([x + arm - width * 1.5, base - h, x + arm + width * 1.5, base - h + width * 2],
+                              fill=(250, 235, 170))
+
     def cars(self, count: int, across: bool) -> None:
         palette = ((200, 30, 30), (240, 240, 240), (30, 30, 35), (150, 155, 165), (30, 70, 150))
         for _ in range(count):
             colour = palette[int(self.rng.integers(len(palette)))]
             if across:
-                x, y, w = self.rng.uniform(0, 0.8) * self.size, self.size * 0.84, self.size * 0.2
+                x, y, w = self.rng.uniform(0, 0.8) * self.size, self.size * 0.86, self.size * 0.18
                 self.draw.rounded_rectangle([x, y, x + w, y + w * 0.35], radius=w * 0.08, fill=colour)
                 continue
             t = self.rng.uniform(0.15, 0.8)
@@ -475,16 +596,19 @@ class Scene:
             self.draw.rectangle([x + w * 0.12, y - w * 0.5, x + w * 0.88, y - w * 0.32], fill=(60, 70, 80))
 
     def vegetation(self, kind: str, colour: RGB, count: int) -> None:
+        """Up to twice ``count`` plants at fixed spots of the view; the greenery field decides how many grow."""
         size, hy = self.size, self.horizon_y
-        for _ in range(count):
-            t = self.rng.uniform(0.1, 1.0)  # 0 at the horizon, 1 at the bottom edge
-            side = self.rng.choice([-1, 1])
+        for _ in range(2 * count):
+            t, side, dx, lean, plot = self.layout.uniform(0.1, 1.0), self.layout.choice([-1, 1]), *self.layout.random(3)
+            grown = _grown(self.look["greenery"], plot)
+            if not grown:
+                continue
             base_y = hy + (size - hy) * t * 0.9
-            x = self.vanish_x + side * (size * 0.1 + size * 0.55 * t) + self.rng.uniform(-5, 5)
-            scale = 0.25 + 0.75 * t
+            x = self.vanish_x + side * (size * 0.1 + size * 0.55 * t) + (dx - 0.5) * 10
+            scale = (0.25 + 0.75 * t) * grown
             if kind == "palm":
                 h = size * 0.45 * scale
-                top = (x + self.rng.uniform(-3, 3), base_y - h)
+                top = (x + (lean - 0.5) * 6, base_y - h)
                 self.draw.line([x, base_y, *top], fill=(110, 85, 60), width=max(1, int(3 * scale)))
                 frond = size * 0.1 * scale
                 for direction in (-1.0, -0.55, -0.2, 0.2, 0.55, 1.0):  # fronds rise, then droop

@@ -14,15 +14,19 @@ from lageo_utils.data import MANIFEST_COLUMNS, read_manifest
 from lageo_utils.demo import (
     DEMO_POINTS_PATH,
     HEADINGS,
+    LOOK_FIELDS,
     STYLES,
     build_demo,
     capture_points,
     draw_scene,
     read_demo_points,
     reference_points,
+    street_look,
 )
+from lageo_utils.geo import haversine_km
 from lageo_utils.images import open_rgb
 from lageo_utils.regions import assign_regions
+from lageo_utils.splits import split
 
 SHARED = ["downtown_la", "hollywood", "beverly_hills", "santa_monica", "venice_beach", "koreatown", "pasadena",
           "long_beach"]
@@ -32,6 +36,15 @@ SEA_RGB = np.array([40, 105, 160])
 def digest_tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
             if p.is_file()}
+
+
+def centre(regions, region_id: str) -> tuple[float, float]:
+    row = regions.set_index("id").loc[region_id]
+    return float(row["centroid_lat"]), float(row["centroid_lon"])
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=float)
 
 
 def sea_share(image: Image.Image) -> float:
@@ -116,15 +129,60 @@ def test_capture_points_top_up_with_random_points_in_the_box(regions):
         capture_points(regions, 0)
 
 
-def test_sea_only_where_coastal_and_facing_the_ocean():
+def test_sea_only_where_coastal_and_facing_the_ocean(regions):
     coastal = [rid for rid, style in STYLES.items() if style.sea_heading is not None]
     assert sorted(coastal) == ["long_beach", "malibu", "manhattan_beach", "santa_monica", "venice_beach"]
     for rid in coastal:
         facing = STYLES[rid].sea_heading
-        assert sea_share(draw_scene(rid, facing, (0, 1, 2), 96)) > 0.05, rid  # a full-width band
-        assert sea_share(draw_scene(rid, (facing + 180) % 360, (0, 1, 2), 96)) < 0.02, rid
+        assert sea_share(draw_scene(rid, facing, *centre(regions, rid), size=96)) > 0.05, rid  # a full-width band
+        assert sea_share(draw_scene(rid, (facing + 180) % 360, *centre(regions, rid), size=96)) < 0.02, rid
     for rid in ("downtown_la", "santa_clarita", "koreatown", "griffith_park"):  # blue cars and glass, no sea
-        assert max(sea_share(draw_scene(rid, h, (0, 1, 2), 96)) for h in HEADINGS) < 0.04, rid
+        assert max(sea_share(draw_scene(rid, h, *centre(regions, rid), size=96)) for h in HEADINGS) < 0.04, rid
+
+
+def random_pairs(regions, n: int, offset_km: float, seed: int = 0):
+    """``n`` (region, point, point ``offset_km`` away in a random direction) triples inside the fifteen boxes."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(n):
+        region = regions.iloc[i % len(regions)]
+        west, south, east, north = region.geometry.bounds
+        lat, lon = rng.uniform(south, north), rng.uniform(west, east)
+        bearing = rng.uniform(0, 2 * np.pi)
+        other = (lat + offset_km / 111.2 * np.cos(bearing), lon + offset_km / (111.2 * np.cos(np.radians(lat))) * np.sin(bearing))
+        pairs.append((region.id, (lat, lon), other))
+    return pairs
+
+
+def test_street_look_is_smooth_in_space_and_seeded(regions):
+    def look_gap(offset_km: float) -> np.ndarray:
+        return np.array([
+            np.abs(np.subtract(list(street_look(rid, *a).values()), list(street_look(rid, *b).values()))).mean()
+            for rid, a, b in random_pairs(regions, 60, offset_km)
+        ])
+
+    near, far = look_gap(0.05), look_gap(2.0)
+    assert near.mean() < 0.03 < 0.15 < far.mean(), (near.mean(), far.mean())  # fields are uniform on (0, 1)
+    assert (near < far).mean() > 0.9
+    look = street_look("hollywood", 34.1, -118.335)
+    assert set(look) == set(LOOK_FIELDS) and all(0 < v < 1 for v in look.values())
+    assert look == street_look("hollywood", 34.1, -118.335, seed=0)
+    assert look != street_look("hollywood", 34.1, -118.335, seed=1)
+    assert look != street_look("pasadena", 34.1, -118.335)  # every region has its own fields
+
+
+def test_neighbouring_points_look_alike_and_headings_differ(regions):
+    near_gap, far_gap, heading_gap = [], [], []
+    for (rid, a, near), (_, _, far) in zip(random_pairs(regions, 30, 0.05), random_pairs(regions, 30, 2.0)):
+        for heading in (0, 90):
+            image = pixels(draw_scene(rid, heading, *a, size=64))
+            near_gap.append(np.abs(image - pixels(draw_scene(rid, heading, *near, size=64))).mean())
+            far_gap.append(np.abs(image - pixels(draw_scene(rid, heading, *far, size=64))).mean())
+            heading_gap.append(np.abs(image - pixels(draw_scene(rid, heading + 180, *a, size=64))).mean())
+    near_gap, far_gap, heading_gap = map(np.array, (near_gap, far_gap, heading_gap))
+    assert near_gap.mean() * 1.5 < far_gap.mean(), (near_gap.mean(), far_gap.mean())
+    assert (near_gap < far_gap).mean() > 0.75
+    assert near_gap.mean() * 1.5 < heading_gap.mean(), (near_gap.mean(), heading_gap.mean())
 
 
 def test_regions_are_learnable_from_random_tiny_model_features(tmp_path, regions):
@@ -141,6 +199,30 @@ def test_regions_are_learnable_from_random_tiny_model_features(tmp_path, regions
     probe = LogisticRegression(max_iter=2000, C=10).fit(features[train], manifest["region_id"][train])
     accuracy = probe.score(features[test], manifest["region_id"][test])
     assert accuracy > 3 / len(regions), accuracy  # chance is 1/15
+
+
+def test_retrieval_beats_the_region_centroid_on_random_tiny_model_features(tmp_path, regions):
+    """Nearby scenes look alike, so the nearest training image (cosine) lies closer than the region's centre."""
+    from lageo_utils.model import load_clip
+
+    some = regions[regions["id"].isin(["downtown_la", "hollywood", "santa_monica", "malibu", "pasadena"])]
+    manifest = build_demo(tmp_path, points_per_region=24, seed=0, image_size=64, regions=some.reset_index(drop=True))
+    torch.manual_seed(42)
+    model, preprocess, _ = load_clip("lageo-tiny", pretrained=None, device="cpu")
+    with torch.no_grad():
+        batch = torch.stack([preprocess(open_rgb(tmp_path / p)) for p in manifest["image_path"]])
+        features = torch.nn.functional.normalize(model.encode_image(batch), dim=-1).numpy()
+    parts = split(manifest.assign(row=np.arange(len(manifest))), "location", seed=42)
+    train, test = parts["train"], parts["test"]
+    nearest = (features[test["row"]] @ features[train["row"]].T).argmax(axis=1)
+    retrieval_km = haversine_km(test["latitude"], test["longitude"], train["latitude"].to_numpy()[nearest],
+                                train["longitude"].to_numpy()[nearest])
+    centroids = some.set_index("id").loc[test["region_id"]]
+    centroid_km = haversine_km(test["latitude"], test["longitude"], centroids["centroid_lat"].to_numpy(),
+                               centroids["centroid_lon"].to_numpy())
+    assert len(test) == 5 * 3 * 4  # three test capture points per region
+    assert np.median(retrieval_km) < 0.6 * np.median(centroid_km), (np.median(retrieval_km), np.median(centroid_km))
+    assert np.mean(retrieval_km <= 1) > np.mean(centroid_km <= 1) + 0.15
 
 
 def test_cli_builds_and_refuses_to_overwrite(tmp_path, capsys):
