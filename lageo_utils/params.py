@@ -70,7 +70,7 @@ class Param:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and self.optional):
             if self.optional:
                 return None
-            raise ParamError(f"{self.name} must be {self.allowed()}, got None")
+            raise ParamError(f"{self.name} must be {'a ' if self.kind is list else ''}{self.allowed()}, got None")
         if self.kind is list:
             return self._check_list(value)
         if self.choices is not None:
