@@ -282,3 +282,17 @@ def test_report_screenshot_is_not_blank(demo_run, tmp_path):
         pytest.skip("headless Chromium not installed (apt-get install chromium)")
     stats = screenshot(demo_run / "report.html", tmp_path / "report.png")
     assert stats["std"] > 10 and stats["non_white"] > 0.02
+
+
+def test_report_says_retrieval_is_leaky_beside_image_split_numbers(demo_run):
+    from lageo_utils import report
+
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    leaky = report.coordinate_markdown(metrics, {"split_strategy": "image"})
+    assert "Retrieval is leaky under the image-level split" in leaky and "other headings of a test panorama" in leaky
+    honest = report.coordinate_markdown(metrics, {"split_strategy": "location", "buffer_m": 0.0})
+    assert "leaky" not in honest and "test images have a training image within 1 m" in honest
+    table = report.coordinate_table(metrics)
+    assert {"Ceiling", "Baseline", "Fine-tuned CLIP", "Fine-tuned CLIP, voted per capture point"} <= set(
+        table.index.get_level_values(0))
+    assert list(table.columns[:4]) == ["ACC@25 m", "ACC@100 m", "ACC@500 m", "ACC@1 km"]
