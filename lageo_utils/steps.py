@@ -422,7 +422,8 @@ def coordinate_metrics(run: RunDir, params: dict) -> dict:
     doc = coordinate_metrics_json(answers, voted=voted, ceilings=ceilings, baselines={"chance": chance, **baselines},
                                   n_boot=params["n_boot"], seed=params["seed"])
     doc["coordinate_settings"] = {model: locator.settings() for model, locator in locators.items()}
-    doc["best_method"] = {model: _best_on_validation(settings) for model, settings in doc["coordinate_settings"].items()}
+    doc["best_method"] = {model: _best_on_validation(settings, answers[model])
+                          for model, settings in doc["coordinate_settings"].items()}
     same_point = ceilings["retrieval"]["error_km"] < 0.001
     doc["gallery_overlap"] = {"split_strategy": params["split_strategy"], "n_test_images": len(test),
                               "test_images_with_gallery_image_within_1m": int(same_point.sum())}
@@ -434,9 +435,9 @@ def _by_method(table: pd.DataFrame, voted: bool) -> dict[str, pd.DataFrame]:
     return {method: rows.reset_index(drop=True) for method, rows in part.groupby("method", sort=False)}
 
 
-def _best_on_validation(settings: dict) -> str | None:
-    """The tuned method (not centroid) whose validation objective scored best; None when only centroid ran."""
-    scores = {method: entry["score"] for method, entry in settings.items()}
+def _best_on_validation(settings: dict, answered) -> str | None:
+    """The answered method (not centroid) whose validation objective scored best; None when only centroid ran."""
+    scores = {method: entry["score"] for method, entry in settings.items() if method in answered}
     return max(scores, key=scores.get) if scores else None
 
 
