@@ -42,6 +42,7 @@ __all__ = [
     "error_map",
     "example_grid",
     "heading_figure",
+    "neighbour_figure",
     "per_region_bars",
     "region_error_map",
     "region_error_table",
@@ -50,6 +51,7 @@ __all__ = [
     "region_palette",
     "regions_map",
     "reliability_diagram",
+    "risk_coverage_figure",
     "save_figure",
     "split_counts_figure",
     "topk_bar",
@@ -383,6 +385,90 @@ def _readable_images(rows: pd.DataFrame, image_root: str | os.PathLike, limit: i
         image.thumbnail((384, 384))
         found.append((row, image))
     return found
+
+
+METHOD_COLORS = {"centroid": "#8c8c8c", "expected": "#937860", "retrieval": "#4c72b0",
+                 "region_retrieval": "#55a868", "geocell": "#dd8452"}
+MODEL_LINESTYLES = ("--", "-")  # the first model dashed (zero-shot), the second solid (fine-tuned)
+
+
+@_themed()
+def risk_coverage_figure(curves: Mapping[str, Mapping[str, Mapping]], model_labels: Mapping[str, str] | None = None,
+                         threshold_km: str = "1") -> Figure:
+    """Risk-coverage curves: ACC@``threshold_km`` and median error of the most confident answers as coverage grows.
+
+    ``curves`` is ``metrics["risk_coverage"]`` ({model: {method: curve}}, see
+    ``coordinate_metrics.risk_coverage``); colour names the method, line style the model; the
+    legend gives each curve's AURC (area under the risk curve, risk = 1 - ACC; lower is better).
+    """
+    fig = new_figure((12.0, 5.0))
+    acc_ax, err_ax = fig.subplots(1, 2)
+    labels = dict(model_labels or {})
+    for style, (model, methods) in zip(MODEL_LINESTYLES * len(curves), curves.items()):
+        for method, curve in methods.items():
+            if threshold_km not in curve["acc_at_km"]:
+                raise ValueError(f"risk-coverage curve {model}/{method} has no ACC@{threshold_km} km "
+                                 f"(it has {sorted(curve['acc_at_km'])})")
+            color = METHOD_COLORS.get(method, BAR_COLOR)
+            label = f"{labels.get(model, model)} · {method} (AURC {curve['aurc'][threshold_km]:.3f})"
+            acc_ax.plot(curve["coverage"], curve["acc_at_km"][threshold_km], style, color=color, label=label)
+            err_ax.plot(curve["coverage"], curve["median_error_km"], style, color=color, label=label)
+    acc_ax.set(xlabel="coverage (share of answers kept, most confident first)", ylabel=f"ACC@{threshold_km} km",
+               xlim=(0, 1.02), ylim=(0, 1.02), title=f"Accuracy within {threshold_km} km as coverage grows")
+    err_ax.set(xlabel="coverage (share of answers kept, most confident first)", ylabel="median error (km)",
+               xlim=(0, 1.02), title="Median error as coverage grows")
+    err_ax.set_ylim(bottom=0)
+    handles, names = acc_ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(names) / 2), 1, 1))
+    return fig
+
+
+@_themed("white")
+def neighbour_figure(answers: pd.DataFrame, gallery_rows: pd.DataFrame, image_root: str | os.PathLike, n: int = 4,
+                     neighbours: int = 3, seed: int = 0) -> Figure:
+    """For a seeded sample of test images, the query beside its nearest gallery images.
+
+    ``answers``: per-image answers of one method with their nearest gallery images (``image_path``,
+    ``latitude``, ``longitude``, ``error_km``, ``nearest`` as gallery image paths,
+    ``nearest_similarities``; see ``geolocate.answer_all``); ``gallery_rows``: the gallery's
+    manifest rows (``image_path``, ``latitude``, ``longitude``). Each neighbour is captioned with
+    its cosine similarity and its distance from the query's true point.
+    """
+    from lageo_utils.geo import haversine_km
+    from lageo_utils.images import ImageReadError, open_rgb
+
+    missing = [c for c in ("nearest", "nearest_similarities") if c not in answers.columns]
+    if missing:
+        raise ValueError(f"neighbour_figure needs answers with their nearest gallery images; they lack {missing}")
+    where = gallery_rows.set_index(gallery_rows["image_path"].astype(str))[["latitude", "longitude"]]
+    shown = _readable_images(answers.sample(frac=1.0, random_state=seed), image_root, n)
+    fig = new_figure((2.9 * (neighbours + 1), 3.3 * max(1, len(shown)) + 0.4))
+    if not shown:
+        fig.text(0.5, 0.5, "No readable images to show", ha="center", va="center", fontsize=12)
+        return fig
+    grid = fig.subplots(len(shown), neighbours + 1, squeeze=False)
+    for ax in grid.ravel():
+        ax.axis("off")
+    for r, (row, image) in enumerate(shown):
+        grid[r, 0].imshow(image)
+        grid[r, 0].set_title(f"query ({row['method']} answer {row['error_km']:.2f} km off)", fontsize=9,
+                             fontweight="bold")
+        for c, (path, sim) in enumerate(list(zip(row["nearest"], row["nearest_similarities"]))[:neighbours]):
+            lat, lon = where.loc[str(path)]
+            km = float(haversine_km(row["latitude"], row["longitude"], lat, lon))
+            try:
+                thumb = open_rgb(Path(image_root) / str(path))
+            except ImageReadError as exc:
+                grid[r, c + 1].text(0.5, 0.5, f"unreadable:\n{exc.reason}", ha="center", va="center", fontsize=8)
+                continue
+            thumb.thumbnail((384, 384))
+            grid[r, c + 1].imshow(thumb)
+            grid[r, c + 1].set_title(f"#{c + 1}: similarity {float(sim):.3f}\n{km:.2f} km from the query",
+                                     fontsize=9, color=CORRECT_COLOR if km <= 1 else "#333333")
+    fig.suptitle(f"Test images and their {neighbours} nearest training images (seed {seed})", fontsize=12)
+    fig.tight_layout()
+    return fig
 
 
 def comparison_table(metrics: Mapping[str, Mapping]) -> pd.DataFrame:

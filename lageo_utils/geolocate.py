@@ -49,6 +49,7 @@ SEARCH_BACKENDS = ("auto", "exact", "faiss", "faiss-ivf")
 FAISS_AUTO_MIN_GALLERY = 50_000  # "auto" uses exact numpy search below this many gallery vectors, FAISS above
 EXACT_CHUNK_BYTES = 256 * 2**20  # the similarity block of one chunk of queries in exact search
 OBJECTIVES = ("median_error_km", "mean_error_km", "acc@<km>")
+NEAREST_SHOWN = 3  # nearest gallery images kept per test image for reports (answer_all)
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -815,6 +816,34 @@ def fit_locator(centroids, gallery: Gallery | None, val_embeddings, val_probs, v
             resolutions=geocell_resolutions, min_cell_images=geocell_min_cell_images, taus_km=geocell_taus_km,
             epochs=geocell_epochs, seed=seed, **kw)
     return loc
+
+
+def answer_all(locator: Locator, rows: pd.DataFrame, embeddings, probs, region_ids: Sequence[str],
+               methods: Sequence[str] = METHODS) -> pd.DataFrame:
+    """Every method's answers for ``rows``, per image and voted per capture point, as one table.
+
+    The :func:`answers_table` of each method is stacked with a ``voted`` column: False for the
+    per-image answers, True for those after capture-point voting (when ``rows`` has a
+    ``location_id``). Rows follow ``methods``, then per image before voted. With a gallery, the
+    per-image rows also carry each image's ``NEAREST_SHOWN`` nearest gallery images (``nearest``:
+    paths or rows, ``nearest_similarities``) whatever k the methods use, for reports.
+    """
+    parts = []
+    location_ids = rows["location_id"].to_numpy() if "location_id" in rows.columns else None
+    nearest = None
+    if locator.gallery is not None:
+        g = locator.gallery
+        sims, idx = g.search(_check_queries(embeddings, g), NEAREST_SHOWN)
+        nearest = {"nearest": [[g.paths[j] if g.paths is not None else int(j) for j in row] for row in idx],
+                   "nearest_similarities": [[float(v) for v in row] for row in sims]}
+    for method in methods:
+        for voted in (False, True) if location_ids is not None else (False,):
+            answers = locator.answer(method, embeddings, probs, location_ids=location_ids if voted else None)
+            table = answers_table(rows, answers, region_ids, locator.gallery).assign(voted=voted)
+            if nearest is not None and not voted:
+                table = table.assign(**nearest)
+            parts.append(table)
+    return pd.concat(parts, ignore_index=True)
 
 
 LOCATOR_FILE, GALLERY_FILE, GEOCELL_FILE = "locator.json", "gallery.npz", "geocell.pt"

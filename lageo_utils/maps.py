@@ -16,7 +16,7 @@ import math
 import socket
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 import geopandas as gpd
@@ -188,6 +188,51 @@ def error_map(
     ax.set_title(f"Prediction errors ({shown}{sampled}{median})", fontsize=13, pad=10)
     _finish_map(ax, basemap)
     _label_regions(ax, boxes, list(boxes["name"]), ["#9a9a9a"] * len(boxes), fontsize=7, inside_ok=False)
+    return fig
+
+
+def coordinate_error_map(
+    answers: Mapping[str, pd.DataFrame],
+    regions: gpd.GeoDataFrame,
+    max_lines: int = 2000,
+    seed: int = 0,
+    basemap: str | None = "auto",
+    title: str = "Coordinate errors",
+) -> Figure:
+    """One map per coordinate method, side by side: a line from each true point to its answer.
+
+    ``answers`` maps a method name to its answers table (``latitude``, ``longitude``,
+    ``pred_lat``, ``pred_lon``, ``error_km``). Every panel shares the extent and the colour
+    scale (0 to the largest error shown), so the same colour means the same distance.
+    """
+    if not answers:
+        raise ValueError("coordinate_error_map needs at least one answers table")
+    lines = {name: error_lines(table, max_lines=max_lines, seed=seed).to_crs(MAP_CRS) for name, table in answers.items()}
+    boxes = regions.to_crs(MAP_CRS)
+    vmax = max([float(frame["error_km"].max()) for frame in lines.values() if len(frame)] or [1.0])
+    fig = new_figure((7.5 * len(lines), 8.5))
+    axes = fig.subplots(1, len(lines), squeeze=False)[0]
+    mappable = None
+    for ax, (name, frame) in zip(axes, lines.items()):
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        _set_extent(ax, boxes, *lines.values())
+        boxes.boundary.plot(ax=ax, color="#7a7a7a", linewidth=0.8, alpha=0.6, zorder=2)
+        if len(frame):
+            frame.plot(ax=ax, column="error_km", cmap="plasma", vmin=0, vmax=vmax, linewidth=0.9, alpha=0.8, zorder=3)
+            mappable = ax.collections[-1]
+            mappable.set_gid(ERROR_LINES_GID)
+            starts = gpd.GeoSeries(gpd.points_from_xy(frame["longitude"], frame["latitude"]), crs="EPSG:4326")
+            starts.to_crs(MAP_CRS).plot(ax=ax, color="#303030", markersize=2, zorder=4)
+        errors = answers[name]["error_km"]
+        within = float((errors <= 1).mean()) if len(errors) else float("nan")
+        ax.set_title(f"{name}: median {np.median(errors):.2f} km, {within:.0%} within 1 km", fontsize=12, pad=8)
+        _finish_map(ax, basemap)
+    if mappable is not None:
+        fig.colorbar(mappable, ax=list(axes), shrink=0.6, pad=0.02, label="Error (km): true point to the answer")
+    fig.suptitle(f"{title} on {len(next(iter(answers.values()))):,} test images (line: true point to answer)",
+                 fontsize=13)
     return fig
 
 

@@ -8,22 +8,28 @@ scikit-learn's declared parameter constraints).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
+import yaml
 
 
 class ParamError(ValueError):
     """A parameter is unknown, of the wrong type or out of range; the message names it and the value."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Param:
-    """One declared parameter. Bounds are inclusive unless ``low_open``; ``optional`` admits None."""
+    """One declared parameter. Bounds are inclusive unless ``low_open``; ``optional`` admits None.
+
+    ``kind=list``: a non-empty list without repeats whose items are of ``item_kind`` and meet
+    ``choices`` / the bounds (which then apply to each item). A list may also be given as one
+    text of comma-separated items (``-p geo_methods centroid,retrieval``).
+    """
 
     name: str
     kind: type
@@ -38,9 +44,12 @@ class Param:
     optional: bool = False
     pattern: str | None = None  # a regular expression a text value must match in full
     pattern_text: str | None = None  # that pattern in words
+    item_kind: type | None = None  # kind=list: the type of each item
 
     def allowed(self) -> str:
         """The allowed values in words (the 'type' column of ``lageo params``)."""
+        if self.kind is list:
+            return "list of " + self._scalar().allowed() + (" | none" if self.optional else "")
         if self.choices is not None:
             text = " | ".join(self.choices)
         elif self.pattern_text is not None:
@@ -61,7 +70,9 @@ class Param:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and self.optional):
             if self.optional:
                 return None
-            raise ParamError(f"{self.name} must be {self.allowed()}, got None")
+            raise ParamError(f"{self.name} must be {'a ' if self.kind is list else ''}{self.allowed()}, got None")
+        if self.kind is list:
+            return self._check_list(value)
         if self.choices is not None:
             if value in self.choices:
                 return value
@@ -72,6 +83,25 @@ class Param:
         if checked is None or not self._in_range(checked):
             article = {int: "an ", float: "a ", str: "" if self.pattern_text else "a non-empty "}.get(self.kind, "")
             raise ParamError(f"{self.name} must be {article}{self.allowed()}, got {value!r}")
+        return checked
+
+    def _scalar(self) -> Param:
+        """The declaration one item of a list parameter must meet."""
+        return dataclasses.replace(self, name=f"{self.name} item", kind=self.item_kind or str, item_kind=None,
+                                   optional=False, default=None)
+
+    def _check_list(self, value) -> list:
+        if isinstance(value, str):  # "a,b" from the command line (items read as YAML, like -p values); "a": one item
+            value = [yaml.safe_load(item) for item in value.split(",")]
+        if not isinstance(value, list | tuple):
+            raise ParamError(f"{self.name} must be a {self.allowed()}, got {value!r}")
+        if not value:
+            raise ParamError(f"{self.name} must list at least one item ({self._scalar().allowed()}), got []")
+        item = self._scalar()
+        checked = [item.check(entry) for entry in value]
+        repeated = sorted({str(v) for v in checked if checked.count(v) > 1})
+        if repeated:
+            raise ParamError(f"{self.name} lists {', '.join(repr(r) for r in repeated)} more than once, got {value!r}")
         return checked
 
     def _in_range(self, value) -> bool:
@@ -111,6 +141,9 @@ def _as_str(value) -> str | None:
 
 
 STRATEGIES = ("zeroshot", "text_scale", "linear_probe", "partial", "lora", "full", "contrastive")
+# Mirrors lageo_utils.geolocate (METHODS, SEARCH_BACKENDS) without importing torch and h3 here; a test keeps them equal.
+GEO_METHODS = ("centroid", "expected", "retrieval", "region_retrieval", "geocell")
+GEO_SEARCH_BACKENDS = ("auto", "exact", "faiss", "faiss-ivf")
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
     # data
@@ -171,6 +204,15 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("top_k", int, 5, "regions listed per image", "evaluation", low=1),
     Param("n_boot", int, 1000, "bootstrap resamples (over capture points) for confidence intervals", "evaluation",
           low=10),
+    # coordinates
+    Param("geo_methods", list, GEO_METHODS, "coordinate answers compared in steps 02-04 (see docs/geolocation.md); "
+          "centroid is always answered: it is the reference", "coordinates", choices=GEO_METHODS, item_kind=str),
+    Param("geo_search", str, "auto", "nearest-neighbour search over the training gallery; auto: exact below 50,000 "
+          "images, FAISS above", "coordinates", choices=GEO_SEARCH_BACKENDS),
+    Param("geocell_resolutions", list, (7, 8), "H3 resolutions tried for geocells (the one chosen on validation "
+          "is used)", "coordinates", item_kind=int, low=0, high=15),
+    Param("geocell_min_images", int, 10, "geocells with fewer training images merge into their parent",
+          "coordinates", low=1),
 ]}
 
 
@@ -195,4 +237,4 @@ def check_params(values: Mapping) -> dict:
 
 def defaults() -> dict:
     """Every parameter at its declared default."""
-    return {name: p.default for name, p in PARAMS.items()}
+    return {name: list(p.default) if p.kind is list else p.default for name, p in PARAMS.items()}

@@ -24,7 +24,7 @@ from torch import nn
 
 from lageo_utils.adapters import add_lora, merge_lora
 from lageo_utils.checkpoints import CheckpointError, load_checkpoint
-from lageo_utils.embed import embed_manifest
+from lageo_utils.embed import EmbeddingResult, embed_manifest
 from lageo_utils.geo import haversine_km
 from lageo_utils.images import open_rgb, to_rgb
 from lageo_utils.model import autocast, has_text_tower, load_model, resolve_device, weights_identity
@@ -275,6 +275,12 @@ def predict_manifest(predictor: GeoPredictor, manifest: pd.DataFrame, image_root
     """
     result = embed_manifest(predictor.model, predictor.preprocess, manifest, image_root, cache_dir=cache_dir,
                             batch_size=batch_size, device=predictor.device, model_name=predictor.model_name)
+    return predictions_from_embeddings(predictor, manifest, result, top_k)
+
+
+def predictions_from_embeddings(predictor: GeoPredictor, manifest: pd.DataFrame, result: EmbeddingResult,
+                                top_k: int = 5) -> pd.DataFrame:
+    """The predictions table of ``manifest`` from its already computed embeddings (``embed_manifest``'s result)."""
     probs = predictor.probabilities(result.embeddings)
     table = predictions_from_probs(manifest.iloc[result.rows], probs, predictor.regions, top_k)
     table.attrs["failures"] = result.failures.to_dict(orient="records")

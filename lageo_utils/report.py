@@ -138,3 +138,97 @@ def _with_ci(value, ci, digits: int = 3) -> str:
     if not ci or ci[0] is None:
         return _fmt(value, digits)
     return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+# -- coordinates: where exactly ------------------------------------------------------------------
+
+CEILING_NOTES = {
+    "centroid": "every region right, answered by its centroid",
+    "retrieval": "the nearest gallery image (what no single gallery answer can beat)",
+    "geocell": "every geocell right, answered by its training-image centroid",
+    "geocell_centre": "every geocell right, answered by its H3 centre",
+}
+BASELINE_NOTES = {
+    "chance": "a uniformly random region's centroid (expected value)",
+    "majority_region": "the training split's most frequent region, its centroid",
+    "fixed_point": "one point for every image: the gallery's mean coordinate",
+    "random_gallery_image": "a random training image's coordinate",
+}
+
+
+def _threshold_label(key: str) -> str:
+    km = float(key)
+    return f"ACC@{km * 1000:g} m" if km < 1 else f"ACC@{key} km"
+
+
+def coordinate_table(metrics: dict) -> pd.DataFrame:
+    """Methods x thresholds, with 95% intervals: each model's methods per image and voted per capture
+    point, then the ceilings and the baselines on the same test images."""
+    rows: dict[tuple[str, str], dict] = {}
+
+    def add(group: str, name: str, summary: dict) -> None:
+        ci = summary.get("acc_at_km_ci95", {})
+        row = {_threshold_label(k): _with_ci(v, ci.get(k)) for k, v in summary["acc_at_km"].items()}
+        row["Median error (km)"] = _with_ci(summary.get("median_error_km"), summary.get("median_error_km_ci95"),
+                                            digits=2)
+        row["Images"] = summary.get("n_images", "")
+        rows[(group, name)] = row
+
+    for model, methods in metrics["methods"].items():
+        label = MODEL_LABELS.get(model, model)
+        for method, summary in methods.items():
+            add(label, method, summary)
+        for method, summary in methods.items():
+            if "per_capture_point" in summary:
+                add(f"{label}, voted per capture point", method, summary["per_capture_point"])
+    for group, section, notes in (("Ceiling", "ceilings", CEILING_NOTES), ("Baseline", "baselines", BASELINE_NOTES)):
+        for name, summary in metrics[section].items():
+            add(group, f"{name}: {notes.get(name, name)}", summary)
+    table = pd.DataFrame(rows).T.fillna("n/a")
+    table.index.names = ["", "method"]
+    return table
+
+
+def coordinate_markdown(metrics: dict, params: dict) -> str:
+    """What the coordinate numbers mean: the leak under the image-level split, what validation chose,
+    and each method against centroid at 1 km (paired bootstrap)."""
+    overlap = metrics["gallery_overlap"]
+    lines = [
+        "Each method answers with coordinates (docs/geolocation.md): `centroid` is the seed's answer (the top "
+        "region's centre), `expected` a probability-weighted mean of region centres, `retrieval` the "
+        "similarity-weighted coordinates of the nearest training images (the gallery), `region_retrieval` "
+        "retrieval inside the predicted region, `geocell` a classifier over fine H3 cells. Every setting (k, "
+        "temperature, geocell resolution and smoothing) was chosen on the validation split; the test split "
+        "was answered once. Intervals: 95% bootstrap over capture points.",
+    ]
+    if params.get("split_strategy") == "image":
+        lines.append(
+            f"> **Retrieval is leaky under the image-level split.** The other headings of a test panorama are in "
+            f"the gallery: {overlap['test_images_with_gallery_image_within_1m']} of {overlap['n_test_images']} "
+            "test images have a training image within 1 m of their point, so `retrieval`, `region_retrieval` and "
+            "`geocell` numbers here overstate what they do on new places. Use `-p split_strategy location` "
+            "(and `buffer_m`) for an honest estimate.")
+    else:
+        lines.append(
+            f"Split `{overlap['split_strategy']}`: {overlap['test_images_with_gallery_image_within_1m']} of "
+            f"{overlap['n_test_images']} test images have a training image within 1 m of their point "
+            f"(buffer_m {params.get('buffer_m', 0)}).")
+    for model, best in metrics.get("best_method", {}).items():
+        if best:
+            lines.append(f"{MODEL_LABELS.get(model, model)}: best method on validation **{best}** (the maps show it "
+                         "beside centroid).")
+    paired = []
+    for model, methods in metrics["paired_vs_centroid"].items():
+        for method, diff in methods.items():
+            d = diff["acc_at_km"].get("1")
+            if d is None:
+                continue
+            lo, hi = d["ci"]
+            verdict = "better" if lo is not None and lo > 0 else "worse" if hi is not None and hi < 0 else "no clear difference"
+            paired.append(f"| {MODEL_LABELS.get(model, model)} | {method} | {d['difference']:+.3f} "
+                          f"[{_fmt(lo)}, {_fmt(hi)}] | {diff['median_error_km']['difference']:+.2f} | {verdict} |")
+    if paired:
+        lines.append("Against `centroid` on the same images (paired bootstrap):\n\n| model | method | ACC@1 km "
+                     "difference [95% CI] | median error difference (km) | at 1 km |\n|---|---|---|---|---|\n"
+                     + "\n".join(paired))
+    return "\n\n".join(lines)

@@ -33,7 +33,7 @@ PACKAGES = ["torch", "open_clip_torch", "numpy", "pandas", "scikit-learn", "geop
 PARAMS, MANIFEST, AUDIT, DATA = "params.yaml", "manifest.csv", "audit.json", "data.json"
 HISTORY, TRAIN_SUMMARY, METRICS = "history.csv", "train_summary.json", "metrics.json"
 REPORT, FAILED = "report.html", "FAILED.json"
-CHECKPOINTS, FIGURES, NOTEBOOKS = "checkpoints", "figures", "notebooks"
+CHECKPOINTS, FIGURES, NOTEBOOKS, LOCATORS = "checkpoints", "figures", "notebooks", "locator"
 SPLITS = ("train", "val", "test")
 MODEL_LABELS = {"zeroshot": "Zero-shot CLIP", "finetuned": "Fine-tuned CLIP"}  # the prediction tables step 04 compares
 MODELS = tuple(MODEL_LABELS)
@@ -46,6 +46,16 @@ def split_file(name: str) -> str:
 
 def predictions_file(model: str) -> str:
     return f"predictions_{model}.parquet"
+
+
+def coordinates_file(model: str) -> str:
+    """A model's coordinate answers: every method, per image and voted per capture point."""
+    return f"coordinates_{model}.parquet"
+
+
+def locator_dir(model: str) -> str:
+    """A model's fitted locator (gallery, tuned settings, geocell head): a folder."""
+    return f"{LOCATORS}/{model}"
 
 
 def classification_report_file(model: str) -> str:
@@ -63,10 +73,13 @@ class StepFiles:
 
 STEP_FILES: dict[str, StepFiles] = {
     "01_explore_data": StepFiles((), (MANIFEST, *map(split_file, SPLITS), AUDIT, DATA), (split_file("excluded"),)),
-    "02_zero_shot": StepFiles((PARAMS, DATA, split_file("test")), (predictions_file("zeroshot"),)),
+    "02_zero_shot": StepFiles((PARAMS, DATA, *map(split_file, SPLITS)),
+                              (predictions_file("zeroshot"), locator_dir("zeroshot"), coordinates_file("zeroshot"))),
     "03_finetune": StepFiles((PARAMS, DATA, *map(split_file, SPLITS)),
-                             (HISTORY, TRAIN_SUMMARY, predictions_file("finetuned"))),
-    "04_evaluate": StepFiles((PARAMS, DATA, *map(predictions_file, MODELS)),
+                             (HISTORY, TRAIN_SUMMARY, predictions_file("finetuned"), locator_dir("finetuned"),
+                              coordinates_file("finetuned"))),
+    "04_evaluate": StepFiles((PARAMS, DATA, AUDIT, *map(split_file, SPLITS), *map(predictions_file, MODELS),
+                              *map(locator_dir, MODELS), *map(coordinates_file, MODELS)),
                              (*map(classification_report_file, MODELS), METRICS)),
     "05_report": StepFiles((PARAMS, METRICS), (REPORT,)),
 }
@@ -97,6 +110,12 @@ class RunDir(type(Path())):  # type(Path()): the concrete Path class of this pla
 
     def predictions(self, model: str) -> Path:
         return self / predictions_file(model)
+
+    def coordinates(self, model: str) -> Path:
+        return self / coordinates_file(model)
+
+    def locator(self, model: str) -> Path:
+        return self / locator_dir(model)
 
     @property
     def checkpoints(self) -> Path:
@@ -303,7 +322,9 @@ def fork_run(parent: Path, step: str) -> RunDir:
     earlier = STEPS[: STEPS.index(step)]
     keep = {f for s in earlier for f in STEP_FILES[s].outputs + STEP_FILES[s].optional}
     for name in sorted(keep):
-        if (parent / name).exists():
+        if (parent / name).is_dir():  # a locator folder
+            shutil.copytree(parent / name, child / name)
+        elif (parent / name).exists():
             shutil.copy2(parent / name, child / name)
     if "03_finetune" in earlier and parent.checkpoints.is_dir():
         shutil.copytree(parent.checkpoints, child.checkpoints)

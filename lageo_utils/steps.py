@@ -215,17 +215,102 @@ def load_model(params: dict):
 
 
 def zero_shot(run: RunDir, params: dict) -> pd.DataFrame:
-    """Zero-shot predictions on the test split; writes ``predictions_zeroshot.parquet``."""
-    from lageo_utils.predict import GeoPredictor, predict_manifest
+    """Zero-shot predictions on the test split and the zero-shot model's coordinate answers.
+
+    Writes ``predictions_zeroshot.parquet``, ``locator/zeroshot/`` and ``coordinates_zeroshot.parquet``.
+    """
+    from lageo_utils.predict import GeoPredictor, predictions_from_embeddings
 
     regions = regions_of(params)
     model, preprocess, tokenizer = load_model(params)
     predictor = GeoPredictor(model, preprocess, tokenizer, regions, device=params["device"], model_name=params["model"])
-    predictions = predict_manifest(predictor, load_split(run, "test"), image_root(run), batch_size=params["batch_size"],
-                                   top_k=params["top_k"], cache_dir=embedding_cache_dir())
+    embedded = embed_splits(run, params, predictor)
+    predictions = predictions_from_embeddings(predictor, load_split(run, "test"), embedded["test"], params["top_k"])
     predictions.to_parquet(run.predictions("zeroshot"), index=False)
     log.info("zero-shot: %d test images, accuracy %.3f", len(predictions), predictions["correct"].mean())
+    locate(run, params, predictor, "zeroshot", embedded)
     return predictions
+
+
+def embed_splits(run: RunDir, params: dict, predictor) -> dict:
+    """``EmbeddingResult`` of train, val and test for the predictor's image encoder, through the embedding cache.
+
+    The cache is keyed by the encoder's weights: a fine-tuned model whose encoder did not change
+    (``linear_probe``) finds the zero-shot step's embeddings and computes nothing.
+    """
+    from lageo_utils.embed import embed_manifest
+
+    return {name: embed_manifest(predictor.model, predictor.preprocess, load_split(run, name), image_root(run),
+                                 cache_dir=embedding_cache_dir(), batch_size=params["embed_batch_size"],
+                                 num_workers=params["num_workers"], device=predictor.device,
+                                 model_name=predictor.model_name)
+            for name in SPLITS}
+
+
+def locate(run: RunDir, params: dict, predictor, model: str, embedded: dict) -> pd.DataFrame:
+    """Coordinate answers of one model (see docs/geolocation.md).
+
+    The gallery is the training split with this model's embeddings; every setting (k,
+    temperatures, geocell resolution and tau) is chosen on the validation split; the test split
+    is answered afterwards by every method of ``geo_methods``, per image and voted per capture
+    point. Writes ``locator/<model>/`` and ``coordinates_<model>.parquet``; returns the answers.
+    """
+    from lageo_utils.geolocate import Gallery, answer_all, fit_locator, save_locator
+
+    rows = {name: load_split(run, name).iloc[result.rows].reset_index(drop=True) for name, result in embedded.items()}
+    gallery = Gallery.from_rows(rows["train"], embedded["train"].embeddings, predictor.region_ids,
+                                backend=params["geo_search"])
+    methods = geo_methods(params)
+    shared = _same_encoder_locator(run, model, gallery, methods)
+    embedding_only = ("retrieval", "geocell")  # tuned on embeddings alone: equal for models sharing an encoder
+    val, val_embeddings = rows["val"], embedded["val"].embeddings
+    locator = fit_locator(predictor.centroids, gallery, val_embeddings, predictor.probabilities(val_embeddings),
+                          val["latitude"].to_numpy(float), val["longitude"].to_numpy(float),
+                          methods=[m for m in methods if shared is None or m not in embedding_only],
+                          geocell_resolutions=params["geocell_resolutions"],
+                          geocell_min_cell_images=(params["geocell_min_images"],), seed=params["seed"])
+    if shared is not None:
+        locator.retrieval_settings = shared.retrieval_settings
+        locator.geocell_settings, locator.geocell_model = shared.geocell_settings, shared.geocell_model
+        log.info("%s: the image encoder is the zero-shot one; retrieval and geocell settings reused", model)
+    target = run.locator(model)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")  # complete or absent: the folder marks the step
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_locator(locator, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    test_embeddings = embedded["test"].embeddings
+    answers = answer_all(locator, rows["test"], test_embeddings, predictor.probabilities(test_embeddings),
+                         predictor.region_ids, methods)
+    answers.to_parquet(run.coordinates(model), index=False)
+    per_image = answers[~answers["voted"]].groupby("method", sort=False)["error_km"].median()
+    log.info("%s coordinates, median error (km): %s", model,
+             ", ".join(f"{method} {value:.2f}" for method, value in per_image.items()))
+    return answers
+
+
+def _same_encoder_locator(run: RunDir, model: str, gallery, methods: list[str]):
+    """The zero-shot locator when ``model`` is the fine-tuned one and its gallery embeddings are the zero-shot
+    ones (``linear_probe``, ``zeroshot``: the encoder did not change), with every embedding-only method
+    fitted; else None."""
+    import numpy as np
+
+    from lageo_utils.geolocate import load_locator
+
+    if model == "zeroshot" or not run.locator("zeroshot").is_dir():
+        return None
+    other = load_locator(run.locator("zeroshot"))
+    same = (other.gallery is not None and other.gallery.backend == gallery.backend
+            and np.array_equal(other.gallery.embeddings, gallery.embeddings)
+            and np.array_equal(other.gallery.paths, gallery.paths))
+    fitted = (("retrieval" not in methods and "geocell" not in methods or other.retrieval_settings is not None)
+              and ("geocell" not in methods or other.geocell_model is not None))
+    return other if same and fitted else None
+
+
+def geo_methods(params: dict) -> list[str]:
+    """The coordinate methods to answer: ``geo_methods``, with ``centroid`` (the reference) always first."""
+    return ["centroid", *(m for m in params["geo_methods"] if m != "centroid")]
 
 
 def quick_summary(predictions: pd.DataFrame) -> pd.Series:
@@ -242,12 +327,13 @@ def quick_summary(predictions: pd.DataFrame) -> pd.Series:
 # --- 03: fine-tuning --------------------------------------------------------------------------
 
 def finetune(run: RunDir, params: dict) -> dict:
-    """Fine-tune on train, select on val, predict test with the best checkpoint.
+    """Fine-tune on train, select on val, predict test with the best checkpoint, answer coordinates.
 
-    Writes ``checkpoints/``, ``history.csv``, ``train_summary.json`` and
-    ``predictions_finetuned.parquet``; returns the training summary.
+    Writes ``checkpoints/``, ``history.csv``, ``train_summary.json``,
+    ``predictions_finetuned.parquet``, ``locator/finetuned/`` and ``coordinates_finetuned.parquet``;
+    returns the training summary.
     """
-    from lageo_utils.predict import load_finetuned, predict_manifest
+    from lageo_utils.predict import load_finetuned, predictions_from_embeddings
     from lageo_utils.training import TrainConfig, train
 
     regions = regions_of(params)
@@ -260,12 +346,12 @@ def finetune(run: RunDir, params: dict) -> dict:
     shutil.copy2(result.out_dir / run.history.name, run.history)
     shutil.copy2(result.out_dir / run.train_summary.name, run.train_summary)
     predictor = load_finetuned(result.best_checkpoint, regions, device=params["device"], clip=clip)
-    predictions = predict_manifest(predictor, load_split(run, "test"), image_root(run),
-                                   batch_size=params["batch_size"], top_k=params["top_k"],
-                                   cache_dir=embedding_cache_dir())
+    embedded = embed_splits(run, params, predictor)
+    predictions = predictions_from_embeddings(predictor, load_split(run, "test"), embedded["test"], params["top_k"])
     predictions.to_parquet(run.predictions("finetuned"), index=False)
     log.info("fine-tuned (%s): best epoch %d, validation accuracy %.3f", config.strategy,
              result.summary["best_epoch"], result.summary["best_val_acc"])
+    locate(run, params, predictor, "finetuned", embedded)
     return result.summary
 
 
@@ -278,6 +364,11 @@ TRAIN_PARAMS = ("epochs", "lr", "batch_size", "grad_accum_steps", "weight_decay"
 
 def load_predictions(run: RunDir) -> dict[str, pd.DataFrame]:
     return {name: pd.read_parquet(run.predictions(name)) for name in MODELS}
+
+
+def load_coordinates(run: RunDir) -> dict[str, pd.DataFrame]:
+    """Each model's coordinate answers (every method, per image and voted)."""
+    return {name: pd.read_parquet(run.coordinates(name)) for name in MODELS}
 
 
 def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
@@ -293,6 +384,7 @@ def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
     counts = json.loads(run.data_file.read_text())["counts"]
     doc = metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, params,
                        {k: counts[k] for k in SPLITS}, n_boot=params["n_boot"], seed=params["seed"])
+    doc.update(coordinate_metrics(run, params))
     for name, preds in predictions.items():
         run.classification_report(name).write_text(classification_report_text(preds, regions))
     figures = evaluation_figures(run, params, doc, predictions)
@@ -300,8 +392,60 @@ def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
     return doc, figures
 
 
+def coordinate_metrics(run: RunDir, params: dict) -> dict:
+    """The coordinate keys of ``metrics.json``: ``methods``, ``ceilings``, ``baselines``, ``risk_coverage``,
+    ``paired_vs_centroid`` (see ``coordinate_metrics_json``), and ``coordinate_settings`` (what validation
+    chose), ``best_method`` (per model, the method other than centroid with the best validation score) and
+    ``gallery_overlap`` (test images with a gallery image at their point: retrieval's leak)."""
+    import numpy as np
+
+    from lageo_utils.coordinate_metrics import chance_baseline, coordinate_metrics_json, reference_tables
+    from lageo_utils.geolocate import load_locator
+
+    regions = regions_of(params)
+    region_ids = [str(r) for r in regions["id"]]
+    centroids = regions[["centroid_lat", "centroid_lon"]].to_numpy(float)
+    tables = load_coordinates(run)
+    answers = {model: _by_method(table, voted=False) for model, table in tables.items()}
+    voted = {model: _by_method(table, voted=True) for model, table in tables.items()}
+    locators = {model: load_locator(run.locator(model)) for model in MODELS}
+    gallery = locators["finetuned"].gallery
+    test = load_split(run, "test")
+    test = test[test["image_path"].isin(answers["finetuned"]["centroid"]["image_path"])].reset_index(drop=True)
+    cells_from = next((m for m in ("finetuned", "zeroshot") if locators[m].geocell_model is not None), None)
+    ceilings, baselines = reference_tables(
+        test, centroids, region_ids, gallery.lat, gallery.lon, np.asarray(region_ids)[gallery.region],
+        cells=locators[cells_from].geocell_model.cells if cells_from else None, seed=params["seed"])
+    for name in ("geocell", "geocell_centre"):
+        if name in ceilings:
+            ceilings[name].attrs["info"] = {"cells_of": cells_from,
+                                            "resolution": locators[cells_from].geocell_model.cells.resolution}
+    chance = chance_baseline(test["latitude"], test["longitude"], centroids)
+    doc = coordinate_metrics_json(answers, voted=voted, ceilings=ceilings, baselines={"chance": chance, **baselines},
+                                  n_boot=params["n_boot"], seed=params["seed"])
+    doc["coordinate_settings"] = {model: locator.settings() for model, locator in locators.items()}
+    doc["best_method"] = {model: _best_on_validation(settings, answers[model])
+                          for model, settings in doc["coordinate_settings"].items()}
+    same_point = ceilings["retrieval"]["error_km"] < 0.001
+    doc["gallery_overlap"] = {"split_strategy": params["split_strategy"], "n_test_images": len(test),
+                              "test_images_with_gallery_image_within_1m": int(same_point.sum())}
+    return doc
+
+
+def _by_method(table: pd.DataFrame, voted: bool) -> dict[str, pd.DataFrame]:
+    part = table[table["voted"] == voted]
+    return {method: rows.reset_index(drop=True) for method, rows in part.groupby("method", sort=False)}
+
+
+def _best_on_validation(settings: dict, answered) -> str | None:
+    """The answered method (not centroid) whose validation objective scored best; None when only centroid ran."""
+    scores = {method: entry["score"] for method, entry in settings.items() if method in answered}
+    return max(scores, key=scores.get) if scores else None
+
+
 def evaluation_figures(run: RunDir, params: dict, metrics: dict, predictions: dict[str, pd.DataFrame]) -> dict:
-    """Step 04's figures for both models: comparison, per-region F1, confusion, maps, calibration, examples."""
+    """Step 04's figures for both models: comparison, per-region F1, confusion, maps, calibration, examples,
+    and the coordinate answers (error map of centroid vs the best method, risk-coverage, retrieval neighbours)."""
     from lageo_utils import figures, maps
     from lageo_utils.metrics import confusion, reliability_table
 
@@ -317,7 +461,25 @@ def evaluation_figures(run: RunDir, params: dict, metrics: dict, predictions: di
         made[f"04_reliability_{name}"] = figures.reliability_diagram(reliability_table(preds), metrics[name]["ece"],
                                                                      f"{label}: reliability")
         made[f"04_examples_{name}"] = figures.example_grid(preds, image_root(run), regions, seed=params["seed"])
+    made.update(coordinate_figures(run, params, metrics))
     return {name: show(fig, run, name) for name, fig in made.items()}
+
+
+def coordinate_figures(run: RunDir, params: dict, metrics: dict) -> dict:
+    """The fine-tuned model's coordinate figures: centroid vs best-method error map, risk-coverage curves
+    (both models) and, for a few test images, their nearest gallery images."""
+    from lageo_utils import figures, maps
+
+    answers = _by_method(load_coordinates(run)["finetuned"], voted=False)
+    best = metrics["best_method"]["finetuned"]
+    shown = {"centroid": answers["centroid"], **({best: answers[best]} if best else {})}
+    made = {"04_coordinate_errors": maps.coordinate_error_map(shown, regions_of(params), seed=params["seed"],
+                                                              title=f"{MODEL_LABELS['finetuned']}: coordinate errors"),
+            "04_risk_coverage": figures.risk_coverage_figure(metrics["risk_coverage"], MODEL_LABELS)}
+    if "retrieval" in answers:
+        made["04_neighbours"] = figures.neighbour_figure(answers["retrieval"], load_split(run, "train"), image_root(run),
+                                                         seed=params["seed"])
+    return made
 
 
 def explorer(run: RunDir, params: dict):

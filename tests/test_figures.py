@@ -498,3 +498,44 @@ def test_save_figure_makes_png_and_closes(tmp_path):
         assert img.format == "PNG"
     with pytest.raises(ValueError, match="PNG"):
         figures.save_figure(maps.new_figure((2, 2)), tmp_path / "x.jpg")
+
+
+def test_coordinate_error_map_panels_share_one_colour_scale(regions, predictions):
+    near = predictions.assign(pred_lat=predictions["latitude"] + 0.001, pred_lon=predictions["longitude"])
+    near["error_km"] = haversine_km(near["latitude"], near["longitude"], near["pred_lat"], near["pred_lon"])
+    fig = maps.coordinate_error_map({"centroid": predictions, "retrieval": near}, regions, basemap=None)
+    panels = [ax for ax in fig.axes if any(c.get_gid() == maps.ERROR_LINES_GID for c in ax.collections)]
+    assert len(panels) == 2
+    scales = [[c for c in ax.collections if c.get_gid() == maps.ERROR_LINES_GID][0].norm for ax in panels]
+    assert [(s.vmin, s.vmax) for s in scales] == [(0, pytest.approx(predictions["error_km"].max()))] * 2
+    assert panels[1].get_title().startswith("retrieval: median 0.11 km, 100% within 1 km")
+    plt.close(fig)
+
+
+def test_risk_coverage_figure_draws_every_curve_and_checks_the_threshold():
+    curve = {"coverage": [0.5, 1.0], "acc_at_km": {"1": [1.0, 0.5]}, "median_error_km": [0.2, 3.0],
+             "aurc": {"1": 0.25}}
+    curves = {"zeroshot": {"centroid": curve}, "finetuned": {"centroid": curve, "retrieval": curve}}
+    fig = figures.risk_coverage_figure(curves, {"zeroshot": "Zero-shot", "finetuned": "Fine-tuned"})
+    acc_ax = fig.axes[0]
+    assert len(acc_ax.lines) == 3 and [line.get_linestyle() for line in acc_ax.lines] == ["--", "-", "-"]
+    assert np.array_equal(acc_ax.lines[0].get_ydata(), [1.0, 0.5])
+    assert "Fine-tuned · retrieval (AURC 0.250)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    with pytest.raises(ValueError, match=r"no ACC@5 km"):
+        figures.risk_coverage_figure(curves, threshold_km="5")
+
+
+def test_neighbour_figure_captions_similarity_and_distance(tmp_path):
+    for name, colour in (("q.png", "red"), ("g1.png", "blue"), ("g2.png", "green")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+    answers = pd.DataFrame({"image_path": ["q.png"], "latitude": [34.0], "longitude": [-118.3], "error_km": [0.5],
+                            "method": ["retrieval"], "nearest": [["g1.png", "g2.png"]],
+                            "nearest_similarities": [[0.9, 0.8]]})
+    gallery = pd.DataFrame({"image_path": ["g1.png", "g2.png"], "latitude": [34.0, 34.1], "longitude": [-118.3, -118.3]})
+    fig = figures.neighbour_figure(answers, gallery, tmp_path)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["query (retrieval answer 0.50 km off)", "#1: similarity 0.900\n0.00 km from the query",
+                      f"#2: similarity 0.800\n{haversine_km(34.0, -118.3, 34.1, -118.3):.2f} km from the query"]
+    with pytest.raises(ValueError, match="lack"):
+        figures.neighbour_figure(answers.drop(columns="nearest"), gallery, tmp_path)
+    plt.close(fig)

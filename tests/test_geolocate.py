@@ -340,3 +340,36 @@ def test_locator_answers_every_method_and_round_trips(tmp_path):
     for method in geolocate.METHODS:
         a, b = locator.answer(method, t_emb, t_probs), loaded.answer(method, t_emb, t_probs)
         assert np.array_equal(a.lat, b.lat) and np.array_equal(a.lon, b.lon), method
+
+
+def test_answer_all_stacks_every_method_per_image_and_voted(tmp_path):
+    emb, lat, lon, which = clustered_places(10, seed=0)
+    paths = [f"train/{i}.jpg" for i in range(len(emb))]
+    gallery = Gallery(emb, lat, lon, region=np.where(which < 2, 0, 1), paths=paths)
+    centroids = np.array([[34.01, -118.30], [34.01, -118.28]])
+    v_emb, v_lat, v_lon, v_which = clustered_places(3, seed=1)
+    v_probs = np.where(np.arange(2)[None, :] == np.where(v_which < 2, 0, 1)[:, None], 0.8, 0.2)
+    locator = fit_locator(centroids, gallery, v_emb, v_probs, v_lat, v_lon, methods=("centroid", "retrieval"),
+                          retrieval_ks=(1, 5), temperatures=(0.05,))
+    t_emb, t_lat, t_lon, t_which = clustered_places(2, seed=2)
+    t_probs = np.where(np.arange(2)[None, :] == np.where(t_which < 2, 0, 1)[:, None], 0.9, 0.1)
+    rows = pd.DataFrame({"image_path": [f"test/{i}.jpg" for i in range(len(t_emb))], "latitude": t_lat,
+                         "longitude": t_lon, "location_id": [f"p{w}" for w in t_which],
+                         "region_id": np.where(t_which < 2, "a", "b")})
+    table = geolocate.answer_all(locator, rows, t_emb, t_probs, ["a", "b"], ["centroid", "retrieval"])
+    assert len(table) == 2 * 2 * len(rows)  # two methods, per image and voted
+    assert table.groupby(["method", "voted"]).size().to_dict() == {(m, v): len(rows) for m in ("centroid", "retrieval")
+                                                                   for v in (False, True)}
+    voted = table[table["voted"] & (table["method"] == "retrieval")]
+    assert voted.groupby("location_id")["pred_lat"].nunique().max() == 1  # a capture point answers once
+    single = table[~table["voted"] & (table["method"] == "retrieval")]
+    direct = locator.answer("retrieval", t_emb)
+    assert np.array_equal(single["pred_lat"], direct.lat)
+    # the 3 nearest gallery images are kept for reports whatever k retrieval uses, on per-image rows only
+    sims, idx = gallery.search(t_emb, geolocate.NEAREST_SHOWN)
+    assert list(single["nearest"].iloc[0]) == [paths[j] for j in idx[0]]
+    assert np.allclose(single["nearest_similarities"].iloc[0], sims[0])
+    assert voted["nearest"].isna().all()
+    table.to_parquet(tmp_path / "answers.parquet")  # list columns with gaps survive Parquet
+    back = pd.read_parquet(tmp_path / "answers.parquet")
+    assert list(back["nearest"].iloc[0]) == list(single["nearest"].iloc[0])

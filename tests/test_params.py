@@ -44,6 +44,15 @@ def outputs(tmp_path, monkeypatch):
         ("device", "gpu", r"device must be auto \| cpu \| cuda \| cuda:N \| mps, got 'gpu'"),
         ("model", "", r"model must be a non-empty text"),
         ("data_source", None, r"data_source must be demo \| manifest, got None"),
+        ("geo_methods", "centroid,retreival",
+         r"unknown geo_methods item 'retreival' \(did you mean 'retrieval'\?\); choose one of: centroid, expected"),
+        ("geo_methods", ["geocell", "nearest"], r"unknown geo_methods item 'nearest'"),
+        ("geo_methods", [], r"geo_methods must list at least one item"),
+        ("geo_methods", ["retrieval", "retrieval"], r"geo_methods lists 'retrieval' more than once"),
+        ("geo_methods", 3, r"geo_methods must be a list of centroid \| expected"),
+        ("geocell_resolutions", [7, 16], r"geocell_resolutions item must be an integer >= 0 and <= 15, got 16"),
+        ("geocell_resolutions", "7,x", r"geocell_resolutions item must be an integer >= 0 and <= 15, got 'x'"),
+        ("geo_search", "annoy", r"unknown geo_search 'annoy'; choose one of: auto, exact, faiss, faiss-ivf"),
     ],
 )
 def test_refusals_name_the_parameter_and_the_value(name, value, message):
@@ -55,6 +64,27 @@ def test_values_come_back_in_their_declared_types():
     assert check_params({"lr": "1e-4", "epochs": 3, "pretrained": "none", "patience": None, "device": "cuda:1"}) == {
         "lr": 1e-4, "epochs": 3, "pretrained": None, "patience": None, "device": "cuda:1"}
     assert isinstance(check_value("buffer_m", 50), float)
+
+
+def test_list_parameters_from_yaml_lists_or_comma_separated_text():
+    assert check_value("geo_methods", "retrieval, geocell") == ["retrieval", "geocell"]
+    assert check_value("geo_methods", ("centroid",)) == ["centroid"]
+    assert check_value("geocell_resolutions", "7,8") == [7, 8]  # items read as YAML, like -p values
+    assert defaults()["geocell_resolutions"] == [7, 8] and defaults()["geocell_resolutions"] is not PARAMS[
+        "geocell_resolutions"].default
+    assert PARAMS["geo_methods"].allowed() == "list of centroid | expected | retrieval | region_retrieval | geocell"
+    params = resolve_params("demo", overrides={"geo_methods": "centroid,retrieval"})
+    assert params["geo_methods"] == ["centroid", "retrieval"]
+
+
+def test_declared_coordinate_choices_are_the_code_s():
+    from lageo_utils import geolocate
+    from lageo_utils.cli import predict
+    from lageo_utils.params import GEO_METHODS, GEO_SEARCH_BACKENDS
+    from lageo_utils.runs import MODELS
+
+    assert GEO_METHODS == geolocate.METHODS == predict.METHODS and GEO_SEARCH_BACKENDS == geolocate.SEARCH_BACKENDS
+    assert predict.RUN_MODELS == MODELS
 
 
 def test_every_default_and_profile_value_passes_the_schema():

@@ -24,7 +24,11 @@ REDUCED = ["-p", "demo_points_per_region", "3", "-p", "epochs", "2", "-p", "n_bo
 METRIC_KEYS = {"n_images", "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
                "recall_weighted", "f1_weighted", "acc_at_km", "median_error_km", "mean_error_km", "ece", "per_region"}
 REPORT_SECTIONS = ["Model comparison", "Per-region classification report", "Confusion matrices", "Maps",
-                   "Training", "Calibration", "Example predictions (top-3)", "Data and leakage audit", "Run"]
+                   "Training", "Calibration", "Example predictions (top-3)", "Coordinates: where exactly",
+                   "Data and leakage audit", "Run"]
+METHODS = ["centroid", "expected", "retrieval", "region_retrieval", "geocell"]
+COORDINATE_KEYS = {"n_images", "acc_at_km", "acc_at_km_ci95", "median_error_km", "median_error_km_ci95",
+                   "per_capture_point"}
 
 
 def lageo(*args, env, check=True):
@@ -61,7 +65,10 @@ def test_run_directory_has_every_file(demo_run, env):
     assert (outputs / "latest").resolve() == demo_run.resolve()
     for name in ["params.yaml", "manifest.csv", "train.csv", "val.csv", "test.csv", "audit.json", "data.json",
                  "predictions_zeroshot.parquet", "predictions_finetuned.parquet", "metrics.json", "history.csv",
-                 "train_summary.json", "checkpoints/best.pt", "checkpoints/last.pt", "report.html"]:
+                 "train_summary.json", "checkpoints/best.pt", "checkpoints/last.pt", "report.html",
+                 "coordinates_zeroshot.parquet", "coordinates_finetuned.parquet", "locator/zeroshot/locator.json",
+                 "locator/zeroshot/gallery.npz", "locator/finetuned/locator.json", "locator/finetuned/geocell.pt",
+                 "figures/04_coordinate_errors.png", "figures/04_risk_coverage.png", "figures/04_neighbours.png"]:
         assert (demo_run / name).is_file(), name
     executed = sorted(p.name for p in (demo_run / "notebooks").glob("*.ipynb"))
     assert executed == ["01_explore_data.ipynb", "02_zero_shot.ipynb", "03_finetune.ipynb", "04_evaluate.ipynb",
@@ -83,6 +90,109 @@ def test_metrics_json_keys(demo_run):
         assert m["n_images"] == metrics["data"]["test"]
         assert len(m["per_region"]) == 15
         assert 0 <= m["accuracy"] <= 1
+    assert {"methods", "ceilings", "baselines", "risk_coverage", "paired_vs_centroid"} <= metrics.keys()
+    for key in ("zeroshot", "finetuned"):
+        assert list(metrics["methods"][key]) == METHODS
+        for method, summary in metrics["methods"][key].items():
+            assert COORDINATE_KEYS <= summary.keys(), method
+            assert set(summary["acc_at_km"]) == {"0.025", "0.1", "0.5", "1", "5", "10", "25"}
+            lo, hi = summary["median_error_km_ci95"]
+            assert lo <= summary["median_error_km"] <= hi
+        # centroid answers are the predictions table's: the coordinate metrics agree with the region metrics
+        assert metrics["methods"][key]["centroid"]["median_error_km"] == pytest.approx(metrics[key]["median_error_km"])
+        assert list(metrics["paired_vs_centroid"][key]) == METHODS[1:]
+        assert set(metrics["risk_coverage"][key]) == set(METHODS)
+    assert {"centroid", "retrieval", "geocell"} <= metrics["ceilings"].keys()
+    assert {"chance", "majority_region", "fixed_point", "random_gallery_image"} <= metrics["baselines"].keys()
+    # linear_probe keeps the encoder: the fine-tuned model reuses zero-shot's gallery, retrieval and geocell settings
+    settings = metrics["coordinate_settings"]
+    assert settings["finetuned"]["retrieval"] == settings["zeroshot"]["retrieval"]
+    assert metrics["methods"]["finetuned"]["retrieval"] == metrics["methods"]["zeroshot"]["retrieval"]
+
+
+def test_coordinate_answers_every_method_per_image_and_voted(demo_run):
+    from lageo_utils.geolocate import load_locator
+
+    test, train = pd.read_csv(demo_run / "test.csv"), pd.read_csv(demo_run / "train.csv")
+    for key in ("zeroshot", "finetuned"):
+        table = pd.read_parquet(demo_run / f"coordinates_{key}.parquet")
+        counts = table.groupby(["method", "voted"]).size()
+        assert set(counts.index) == {(m, v) for m in METHODS for v in (False, True)} and set(counts) == {len(test)}
+        assert set(table["image_path"]) == set(test["image_path"])
+        voted = table[table["voted"]]
+        assert (voted.groupby(["method", "location_id"])["pred_lat"].nunique() == 1).all()
+        gallery = load_locator(demo_run / "locator" / key).gallery
+        assert sorted(gallery.paths) == sorted(train["image_path"])  # the gallery is the training split, nothing else
+    predictions = pd.read_parquet(demo_run / "predictions_finetuned.parquet")
+    centroid = table[(table["method"] == "centroid") & ~table["voted"]]
+    assert np.allclose(centroid["error_km"], predictions["error_km"])
+
+
+def test_coordinate_settings_see_the_validation_split_only(demo_run, tmp_path, monkeypatch):
+    """Re-fit the zero-shot locator on a copy of the run, recording what fit_locator is given."""
+    import shutil
+
+    from lageo_utils import geolocate, steps
+    from lageo_utils.predict import GeoPredictor
+    from lageo_utils.runs import RunDir, read_params
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(demo_run, run)
+    params = read_params(run)
+    seen = {}
+
+    def spy(centroids, gallery, val_embeddings, val_probs, val_lat, val_lon, **kwargs):
+        seen.update(gallery=list(gallery.paths), val_lat=np.asarray(val_lat), n_val=len(val_embeddings))
+        return real(centroids, gallery, val_embeddings, val_probs, val_lat, val_lon, **kwargs)
+
+    real = geolocate.fit_locator
+    monkeypatch.setattr(geolocate, "fit_locator", spy)
+    monkeypatch.setenv("LAGEO_OUTPUTS", str(demo_run.parent.parent))  # the run's embedding cache
+    model, preprocess, tokenizer = steps.load_model(params)
+    predictor = GeoPredictor(model, preprocess, tokenizer, steps.regions_of(params), device="cpu",
+                             model_name=params["model"])
+    steps.locate(run, params, predictor, "zeroshot", steps.embed_splits(run, params, predictor))
+    val, test = pd.read_csv(run / "val.csv"), pd.read_csv(run / "test.csv")
+    assert np.array_equal(seen["val_lat"], val["latitude"]) and seen["n_val"] == len(val)
+    assert not set(seen["gallery"]) & (set(val["image_path"]) | set(test["image_path"]))
+    before = pd.read_parquet(demo_run / "coordinates_zeroshot.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "coordinates_zeroshot.parquet"), before)  # same seed
+
+
+def test_lageo_predict_answers_with_the_run_s_gallery(demo_run, capsys):
+    from lageo_utils.cli import main
+
+    image_root = Path(json.loads((demo_run / "data.json").read_text())["image_root"])
+    image = pd.read_csv(demo_run / "test.csv")["image_path"].iloc[0]
+    assert main(["predict", str(image_root / image), "--method", "retrieval", "--run", str(demo_run)]) == 0
+    [answer] = json.loads(capsys.readouterr().out)
+    assert answer["method"] == "retrieval" and answer["model"] == "finetuned"
+    table = pd.read_parquet(demo_run / "coordinates_finetuned.parquet")
+    expected = table[(table["method"] == "retrieval") & ~table["voted"] & (table["image_path"] == image)].iloc[0]
+    assert (answer["lat"], answer["lon"]) == pytest.approx((expected["pred_lat"], expected["pred_lon"]), abs=1e-6)
+    assert [Path(n["path"]).relative_to(image_root).as_posix() for n in answer["neighbours"]] == list(
+        expected["neighbours"])
+    assert {"path", "lat", "lon", "similarity"} == set(answer["neighbours"][0])
+
+    assert main(["predict", str(image_root / image), "--method", "centroid", "--model", "lageo-tiny",
+                 "--pretrained", "none"]) == 0  # without --run: the seed's output
+    [seed_output] = json.loads(capsys.readouterr().out)
+    assert set(seed_output) == {"image", "top_regions", "top_pred_gps", "top_pred_prob"}
+
+    assert main(["predict", str(image_root / image), "--method", "geocell"]) == 2
+    assert "--method geocell answers from a run's gallery" in capsys.readouterr().err
+    assert main(["predict", str(image_root / image), "--run", str(demo_run), "--model", "ViT-B-32"]) == 2
+    assert "--model names the run's model: zeroshot or finetuned" in capsys.readouterr().err
+
+
+def test_lageo_predict_refuses_a_run_without_a_locator(demo_run, tmp_path, capsys):
+    from lageo_utils.cli import main
+
+    old = tmp_path / "old-run"
+    old.mkdir()
+    (old / "params.yaml").write_bytes((demo_run / "params.yaml").read_bytes())
+    assert main(["predict", "x.jpg", "--method", "retrieval", "--run", str(old)]) == 2
+    assert "has no fitted locator for the finetuned model" in capsys.readouterr().err
 
 
 def test_report_has_every_section_and_embedded_figures(demo_run):
@@ -104,8 +214,8 @@ def test_same_seed_same_numbers(demo_run, env):
     assert run2 != demo_run
     m1 = json.loads((demo_run / "metrics.json").read_text())
     m2 = json.loads((run2 / "metrics.json").read_text())
-    for key in ("zeroshot", "finetuned"):
-        assert m1[key] == m2[key]
+    for key in ("zeroshot", "finetuned", "methods", "ceilings", "baselines", "paired_vs_centroid"):
+        assert m1[key] == m2[key], key
     pd.testing.assert_frame_equal(pd.read_csv(demo_run / "history.csv").drop(columns="seconds"),
                                   pd.read_csv(run2 / "history.csv").drop(columns="seconds"))
 
@@ -215,3 +325,17 @@ def test_executed_notebooks_show_figures_as_png_with_alt_text(demo_run):
     assert "Zero-shot CLIP on images/" in shown[0]["metadata"]["image/png"]["alt"]
     report_html = (demo_run / "report.html").read_text()
     assert report_html.count("<img") >= 12 and "No description has been provided" not in report_html  # alt kept
+
+
+def test_report_says_retrieval_is_leaky_beside_image_split_numbers(demo_run):
+    from lageo_utils import report
+
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    leaky = report.coordinate_markdown(metrics, {"split_strategy": "image"})
+    assert "Retrieval is leaky under the image-level split" in leaky and "other headings of a test panorama" in leaky
+    honest = report.coordinate_markdown(metrics, {"split_strategy": "location", "buffer_m": 0.0})
+    assert "leaky" not in honest and "test images have a training image within 1 m" in honest
+    table = report.coordinate_table(metrics)
+    assert {"Ceiling", "Baseline", "Fine-tuned CLIP", "Fine-tuned CLIP, voted per capture point"} <= set(
+        table.index.get_level_values(0))
+    assert list(table.columns[:4]) == ["ACC@25 m", "ACC@100 m", "ACC@500 m", "ACC@1 km"]

@@ -61,8 +61,12 @@ def test_latest_and_forking_never_modify_a_finished_run(outputs):
     write_params(run, {"epochs": 8})
     for name in ("data.json", "train.csv", "val.csv", "test.csv", "manifest.csv", "audit.json"):
         (run / name).write_text(name)
-    for name in ("history.csv", "train_summary.json", "predictions_finetuned.parquet"):
+    for name in ("history.csv", "train_summary.json", "predictions_finetuned.parquet", "predictions_zeroshot.parquet",
+                 "coordinates_zeroshot.parquet", "coordinates_finetuned.parquet"):
         (run / name).write_text(name)
+    for model in ("zeroshot", "finetuned"):  # locators are folders
+        (run.locator(model)).mkdir(parents=True)
+        (run.locator(model) / "locator.json").write_text(model)
     (run / "figures").mkdir()
     (run / "figures" / "01_regions_map.png").write_bytes(b"png")
     (run / "figures" / "04_confusion_finetuned.png").write_bytes(b"png")
@@ -72,6 +76,8 @@ def test_latest_and_forking_never_modify_a_finished_run(outputs):
     child = start_step("03_finetune", None)  # 03 already ran here: fork
     assert child != run and (run / "history.csv").read_text() == "history.csv"
     assert (child / "train.csv").read_text() == "train.csv" and not (child / "history.csv").exists()
+    assert (child.locator("zeroshot") / "locator.json").read_text() == "zeroshot"  # step 02's folder, copied
+    assert not child.locator("finetuned").exists() and not child.coordinates("finetuned").exists()
     assert (child / "figures" / "01_regions_map.png").exists()
     assert not (child / "figures" / "04_confusion_finetuned.png").exists()  # drawn from models the child lacks
     doc = yaml.safe_load((child / "params.yaml").read_text())

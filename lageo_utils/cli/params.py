@@ -35,6 +35,8 @@ def markdown_table(rows: list[dict], profiles: list[str]) -> str:
 
 
 def _show(value) -> str:
+    if isinstance(value, list | tuple):
+        return ", ".join(map(_show, value))
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
