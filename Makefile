@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the kernel the notebooks name, so `papermill notebooks/03_finetune.ipynb out.ipynb` finds it
+	$(BIN)/python -m ipykernel install --sys-prefix --name lageo --display-name "lageo (.venv)"
 	touch $(STAMP)
 
 lint: setup
@@ -27,7 +29,6 @@ demo: setup
 # without asking for a kernel; jupyter-config/ holds its default settings (no news pop-up).
 lab: setup
 	$(BIN)/python -m pip install --quiet -e '.[test,lab]'
-	$(BIN)/python -m ipykernel install --sys-prefix --name lageo --display-name "lageo (.venv)"
 	JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter-config$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
 	  $(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
