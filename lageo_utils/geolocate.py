@@ -44,6 +44,9 @@ import torch.nn.functional as F
 
 from lageo_utils.geo import haversine_km, nearest_km
 
+# Softmax temperatures tried on validation: cosines of one model's neighbours can all sit within 0.02 of each
+# other, so the grid reaches down to where only the nearest few neighbours count.
+TEMPERATURES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 METHODS = ("centroid", "expected", "retrieval", "region_retrieval", "geocell")
 SEARCH_BACKENDS = ("auto", "exact", "faiss", "faiss-ivf")
 FAISS_AUTO_MIN_GALLERY = 50_000  # "auto" uses exact numpy search below this many gallery vectors, FAISS above
@@ -674,7 +677,7 @@ def tune_expected(val_probs, val_lat, val_lon, centroids, *, ks: Sequence[int] =
 
 
 def tune_retrieval(val_embeddings, val_lat, val_lon, gallery: Gallery, *, val_probs=None,
-                   ks: Sequence[int] = (1, 3, 5, 10, 20, 50), temperatures: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2),
+                   ks: Sequence[int] = (1, 3, 5, 10, 20, 50), temperatures: Sequence[float] = TEMPERATURES,
                    objective: str = "median_error_km", val_location_ids=None) -> RetrievalSettings:
     """k and temperature of retrieval chosen on the validation split (ties: the first candidate).
 
@@ -784,7 +787,7 @@ class Locator:
 def fit_locator(centroids, gallery: Gallery | None, val_embeddings, val_probs, val_lat, val_lon, *,
                 methods: Sequence[str] = METHODS, val_location_ids=None, objective: str = "median_error_km",
                 expected_ks: Sequence[int] = (1, 2, 3, 5), retrieval_ks: Sequence[int] = (1, 3, 5, 10, 20, 50),
-                temperatures: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2), geocell_resolutions: Sequence[int] = (7, 8),
+                temperatures: Sequence[float] = TEMPERATURES, geocell_resolutions: Sequence[int] = (7, 8),
                 geocell_min_cell_images: Sequence[int] = (10,), geocell_taus_km: Sequence[float] = (0.5, 2.0),
                 geocell_epochs: int = 20, geocell_refine: bool = True, seed: int = 0) -> Locator:
     """Tune every requested method on the validation split and train the geocell head on the gallery.

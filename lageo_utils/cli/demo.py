@@ -11,7 +11,7 @@ def register(subparsers) -> None:
     )
     build = group.add_parser("build", help="draw street-scene-like images at capture points and write manifest.csv")
     build.add_argument("--out", required=True, help="output folder (images/ and manifest.csv)")
-    build.add_argument("--points-per-region", type=int, default=8, help="capture points per region (4 images each)")
+    build.add_argument("--points-per-region", type=int, default=40, help="capture points per region (4 images each)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--size", type=int, default=224, help="image width and height in pixels")
     build.add_argument("--regions", default=None, help="region file (default: the 15 LA County regions)")
