@@ -144,6 +144,7 @@ STRATEGIES = ("zeroshot", "text_scale", "linear_probe", "partial", "lora", "full
 # Mirrors lageo_utils.geolocate (METHODS, SEARCH_BACKENDS) without importing torch and h3 here; a test keeps them equal.
 GEO_METHODS = ("centroid", "expected", "retrieval", "region_retrieval", "geocell")
 GEO_SEARCH_BACKENDS = ("auto", "exact", "faiss", "faiss-ivf")
+PROMPT_VARIANTS = ("name", "seed", "visual", "ensemble")  # mirrors lageo_utils.prompts.PROMPT_VARIANTS (tested)
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
     # data
@@ -200,6 +201,17 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("embed_batch_size", int, 64, "images per forward pass when computing cached embeddings", "training",
           low=1),
     Param("seed", int, 42, "seed of model initialisation, training and the bootstrap", "training", low=0),
+    # strategies side by side
+    Param("strategies", list, None, "strategies trained one after another and compared (the first is the "
+          "'finetuned' model); none: just strategy", "strategies", choices=STRATEGIES, item_kind=str, optional=True),
+    Param("train_regions", list, None, "region ids training (and model selection) may see; evaluation keeps all "
+          "regions; none: all", "strategies", item_kind=str, optional=True),
+    Param("wise_alphas", list, (0.0, 0.25, 0.5, 0.75, 1.0), "WiSE-FT weights of the fine-tuned model tried on "
+          "validation, for strategies that change encoder weights", "strategies", item_kind=float, low=0, high=1),
+    Param("prompt_variants", list, PROMPT_VARIANTS, "zero-shot prompt variants compared on the test split",
+          "strategies", choices=PROMPT_VARIANTS, item_kind=str),
+    Param("prompt_controls", str, "regions/prompt_controls.json", "visual descriptors by region id (the authors' "
+          "format) for the visual and ensemble prompt variants", "strategies"),
     # evaluation
     Param("top_k", int, 5, "regions listed per image", "evaluation", low=1),
     Param("n_boot", int, 1000, "bootstrap resamples (over capture points) for confidence intervals", "evaluation",
@@ -237,4 +249,5 @@ def check_params(values: Mapping) -> dict:
 
 def defaults() -> dict:
     """Every parameter at its declared default."""
-    return {name: list(p.default) if p.kind is list else p.default for name, p in PARAMS.items()}
+    return {name: list(p.default) if p.kind is list and p.default is not None else p.default
+            for name, p in PARAMS.items()}

@@ -115,7 +115,7 @@ class GeoPredictor:
     def __init__(self, model, preprocess, tokenizer, regions: gpd.GeoDataFrame, templates: list[str] | None = None,
                  device="auto", scale: str = "learned", model_name: str | None = None,
                  classifier: RegionClassifier | None = None, class_ids: list[str] | None = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, descriptors: dict[str, str] | None = None):
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         self.device = resolve_device(device)
@@ -132,7 +132,7 @@ class GeoPredictor:
             if not has_text_tower(model):
                 raise ValueError(f"{model_name or type(model).__name__} has no text tower: zero-shot needs CLIP; "
                                  "train a head on its image features instead (linear_probe, partial, lora or full)")
-            text = encode_region_texts(model, tokenizer, self.regions, templates, self.device)
+            text = encode_region_texts(model, tokenizer, self.regions, templates, self.device, descriptors)
             logit_scale = float(model.logit_scale.detach().float().exp()) if scale == "learned" else 1.0
             classifier, class_ids = RegionClassifier(model.visual, text, logit_scale, head="cosine"), self.region_ids
         elif model.visual is not classifier.visual:

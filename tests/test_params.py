@@ -87,6 +87,13 @@ def test_declared_coordinate_choices_are_the_code_s():
     assert predict.RUN_MODELS == MODELS
 
 
+def test_declared_strategy_and_prompt_choices_are_the_code_s():
+    from lageo_utils import prompts, training
+    from lageo_utils.params import PROMPT_VARIANTS, STRATEGIES
+
+    assert PROMPT_VARIANTS == tuple(prompts.PROMPT_VARIANTS) and STRATEGIES == training.STRATEGIES
+
+
 def test_every_default_and_profile_value_passes_the_schema():
     assert check_params(defaults()) == defaults()
     for profile in profile_names():
