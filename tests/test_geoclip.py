@@ -319,6 +319,17 @@ def test_an_interrupted_run_resumes_to_the_same_result(model, finetuned, learnab
                             resume=True, **kw)
 
 
+def test_bad_training_rows_are_named(model, learnable, tmp_path):
+    train_rows, val_rows, root = learnable
+    broken = train_rows.copy()
+    broken.loc[1, "latitude"] = float("nan")
+    with pytest.raises(ValueError, match=r"train row 1 \(train-0-1.png\) has an invalid coordinate"):
+        gc.finetune_geoclip(model, broken, val_rows, tmp_path, CONFIG, root=root, device="cpu")
+    with pytest.raises(ValueError, match=r"val rows lack column\(s\) \['longitude'\]"):
+        gc.finetune_geoclip(model, train_rows, val_rows.drop(columns="longitude"), tmp_path, CONFIG, root=root,
+                            device="cpu")
+
+
 def test_the_loss_masks_a_capture_points_own_coordinates(model):
     torch.manual_seed(0)
     features = torch.randn(3, gc.IMAGE_FEATURE_DIM)

@@ -113,8 +113,9 @@ class GeoclipModel(nn.Module):
         weights = Path(geoclip.__file__).parent / "model" / "weights"
         # The layout of geoclip.ImageEncoder.mlp (that class also builds a ViT-L, so it is not instantiated here);
         # the strict load below checks the two agree.
-        self.image_head = nn.Sequential(nn.Linear(IMAGE_FEATURE_DIM, 768), nn.ReLU(), nn.Linear(768, 512))
-        self.location_encoder = geoclip.LocationEncoder(from_pretrained=False)
+        with torch.random.fork_rng(devices=[]):  # their random initialisation, overwritten below, leaves no trace
+            self.image_head = nn.Sequential(nn.Linear(IMAGE_FEATURE_DIM, 768), nn.ReLU(), nn.Linear(768, 512))
+            self.location_encoder = geoclip.LocationEncoder(from_pretrained=False)
         shipped = heads or {
             "image_head": torch.load(weights / "image_encoder_mlp_weights.pth", map_location="cpu", weights_only=True),
             "location_encoder": torch.load(weights / "location_encoder_weights.pth", map_location="cpu",
@@ -556,8 +557,7 @@ class _Split:
     failures: pd.DataFrame
 
 
-def _split(model: GeoclipModel, rows: pd.DataFrame, name: str, root, cache_dir, batch_size, num_workers,
-           device) -> _Split:
+def _check_rows(rows: pd.DataFrame, name: str) -> None:
     missing = [c for c in ("image_path", "latitude", "longitude") if c not in rows.columns]
     if missing:
         raise ValueError(f"the {name} rows lack column(s) {missing}")
@@ -566,6 +566,11 @@ def _split(model: GeoclipModel, rows: pd.DataFrame, name: str, root, cache_dir, 
     if len(bad):
         raise ValueError(f"{name} row {bad[0]} ({rows['image_path'].iloc[bad[0]]}) has an invalid coordinate "
                          f"{tuple(coords[bad[0]])}")
+
+
+def _split(model: GeoclipModel, rows: pd.DataFrame, name: str, root, cache_dir, batch_size, num_workers,
+           device) -> _Split:
+    coords = rows[["latitude", "longitude"]].to_numpy(float)
     found = backbone_features(model, rows["image_path"].astype(str).tolist(), root=root, cache_dir=cache_dir,
                               batch_size=batch_size, num_workers=num_workers, device=device)
     if len(found.rows) == 0:
@@ -661,6 +666,8 @@ def finetune_geoclip(model: GeoclipModel, train_rows: pd.DataFrame, val_rows: pd
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     model.to(device)
+    _check_rows(train_rows, "train")
+    _check_rows(val_rows, "val")
     checkpoint = load_checkpoint(out / LAST) if resume else None
     data_hashes = {"train": _rows_hash(train_rows), "val": _rows_hash(val_rows)}
     if checkpoint is not None:
