@@ -184,16 +184,18 @@ def test_predictions_table_feeds_the_coordinate_metrics(model, gallery, photos):
 
 
 def test_load_from_a_local_folder_and_the_width_check(tmp_path):
-    torch.manual_seed(1)
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE,
-        patch_size=8, projection_dim=gc.IMAGE_FEATURE_DIM))
-    vision.save_pretrained(tmp_path / "backbone")
-    gc.default_processor(vision).save_pretrained(tmp_path / "backbone")
+    """A saved whole CLIP model (as the hub's openai/clip-vit-large-patch14) loads as its image tower and projection."""
+    clip = tiny_clip(seed=1)
+    clip.save_pretrained(tmp_path / "backbone")
+    gc.default_processor(clip).save_pretrained(tmp_path / "backbone")
     loaded = gc.load_geoclip(tmp_path / "backbone", device="cpu")
-    pixels = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert torch.allclose(loaded.backbone_features(pixels), vision(pixel_values=pixels).image_embeds, atol=1e-5)
+    assert isinstance(loaded.backbone, CLIPVisionModelWithProjection)
     assert isinstance(loaded.processor, CLIPImageProcessor)
+    pixels = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        expected = gc.GeoclipModel(clip, loaded.processor, "clip").backbone_features(pixels)
+        assert expected.shape == (2, gc.IMAGE_FEATURE_DIM)
+        assert torch.allclose(loaded.backbone_features(pixels), expected, atol=1e-5)
     narrow = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE,
         patch_size=8, projection_dim=512))

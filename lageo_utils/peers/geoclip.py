@@ -192,12 +192,18 @@ def load_geoclip(backbone: str | os.PathLike | nn.Module | None = None, *, proce
         model = GeoclipModel(backbone, processor or default_processor(backbone), type(backbone).__name__)
         return model.to(target).eval()
     source = check_geoclip_weights(backbone, cache_dir=cache_dir)
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
     local = Path(source).is_dir()
     options = {} if local else {"cache_dir": cache_dir, "local_files_only": _hub_offline()}
     try:
-        vision = CLIPVisionModelWithProjection.from_pretrained(source, **options)
+        config = AutoConfig.from_pretrained(source, **options)
+        if config.model_type == "clip":  # a whole CLIP checkpoint (GeoCLIP's): its image tower and projection only
+            vision_config = config.vision_config
+            vision_config.projection_dim = config.projection_dim  # the projection's width is the CLIP config's
+        else:
+            vision_config = config
+        vision = CLIPVisionModelWithProjection.from_pretrained(source, config=vision_config, **options)
         processor = processor or CLIPImageProcessor.from_pretrained(source, **options)
     except OSError as exc:  # transformers reports missing or unreadable files as OSError
         raise WeightsUnavailableError(_backbone_help(source, f"loading failed ({exc})")) from exc
