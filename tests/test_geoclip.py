@@ -149,6 +149,15 @@ def test_predictions_lie_in_the_gallery_with_descending_probabilities(model, gal
     assert np.array_equal(voted.answers.lat[0::2], voted.answers.lat[1::2])
 
 
+def test_answers_in_blocks_equal_answers_at_once(model, gallery, monkeypatch):
+    features = np.random.default_rng(0).normal(0, 5, (7, gc.IMAGE_FEATURE_DIM)).astype(np.float32)
+    whole, *whole_top = gc.answer_features(model, features, gallery, top_k=3)
+    monkeypatch.setattr(gc, "_SIMILARITY_BLOCK", 2 * len(gallery))  # two images per block
+    blocks, *block_top = gc.answer_features(model, features, gallery, top_k=3)
+    assert np.array_equal(blocks.neighbours, whole.neighbours)
+    assert np.allclose(block_top[2], whole_top[2], atol=1e-6)
+
+
 def test_answers_match_geoclips_own_predict(model, gallery, photos, monkeypatch):
     """GeoCLIP's own class, built on the same tiny backbone and given the LA gallery, answers the same."""
     import geoclip

@@ -63,6 +63,7 @@ DEFAULT_SPACING_M = 100.0
 DEFAULT_TOP_K = 5
 FEATURE_CACHE_FORMAT = 1
 _LOCATION_CHUNK = 8192  # gallery points per location-encoder forward pass
+_SIMILARITY_BLOCK = 2**26  # entries of one images x gallery similarity block (256 MiB in float32)
 _BACKBONE_FILES = ("config.json", "preprocessor_config.json")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 BEST, LAST, HISTORY, SUMMARY = "best.pt", "last.pt", "history.csv", "train_summary.json"
@@ -474,14 +475,19 @@ def answer_features(model: GeoclipModel, features, gallery: pd.DataFrame, *, top
         pooled = pool_by_location(images.cpu().numpy(), location_ids, normalise=True)
         images = torch.as_tensor(pooled, device=device)
     locations = gallery_embeddings(model, gallery) if locations is None else locations
-    similarity = images @ locations.T
-    probs = (model.logit_scale.exp() * similarity).softmax(dim=-1)
-    top_prob, top_index = probs.topk(top_k, dim=-1)
-    index = top_index.cpu().numpy()
+    chunk = max(1, _SIMILARITY_BLOCK // len(locations))  # images per (images x gallery) block
+    probs, indices, cosines = [], [], []
+    for block in images.split(chunk):
+        similarity = block @ locations.T
+        top_prob, top_index = (model.logit_scale.exp() * similarity).softmax(dim=-1).topk(top_k, dim=-1)
+        probs.append(top_prob.cpu())
+        indices.append(top_index.cpu())
+        cosines.append(similarity.gather(1, top_index).cpu())
+    index = torch.cat(indices).numpy().astype(np.int64)
+    top_prob = torch.cat(probs).numpy().astype(np.float64)
     lat, lon = gallery["latitude"].to_numpy(float), gallery["longitude"].to_numpy(float)
-    top_prob = top_prob.cpu().numpy().astype(np.float64)
-    answers = Answers(method, lat[index[:, 0]], lon[index[:, 0]], top_prob[:, 0], neighbours=index.astype(np.int64),
-                      similarities=similarity.gather(1, top_index).cpu().numpy())
+    answers = Answers(method, lat[index[:, 0]], lon[index[:, 0]], top_prob[:, 0], neighbours=index,
+                      similarities=torch.cat(cosines).numpy())
     return answers, lat[index], lon[index], top_prob
 
 
