@@ -49,6 +49,7 @@ from lageo_utils.files import atomic_write
 from lageo_utils.geo import haversine_km
 from lageo_utils.geolocate import Answers, answers_table, pool_by_location
 from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
+from lageo_utils.metrics import to_json_safe
 from lageo_utils.model import WeightsUnavailableError, autocast, resolve_device, weights_identity
 from lageo_utils.training.loop import deterministic
 
@@ -742,12 +743,9 @@ def finetune_geoclip(model: GeoclipModel, train_rows: pd.DataFrame, val_rows: pd
         "unreadable_images": failures.to_dict("records"),
         "data_hashes": data_hashes,
     }
-    atomic_write(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=_json_number)))
+    summary = to_json_safe(summary)  # NaN (no gallery, no training loss at epoch 0) becomes null
+    atomic_write(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, allow_nan=False)))
     return GeoclipTrainResult(summary, frame, out, out / BEST, out / LAST)
-
-
-def _json_number(value):
-    return None if isinstance(value, float) and math.isnan(value) else float(value)
 
 
 def _train_epoch(heads: GeoclipModel, data: _Split, optimizer, queue: _Queue, config: GeoclipTrainConfig,
