@@ -691,7 +691,6 @@ def finetune_geoclip(model: GeoclipModel, train_rows: pd.DataFrame, val_rows: pd
     heads = GeoclipModel(model.backbone, model.processor, model.backbone_name, heads=model.heads_state())
     heads._backbone_identity = model.backbone_identity
     heads.to(device)
-    locations = gallery_embeddings(heads, gallery) if gallery is not None else None  # refreshed per epoch below
     with deterministic():
         seed_everything(config.seed)
         trainable = [p for p in (*heads.image_head.parameters(), *heads.location_encoder.parameters())
@@ -700,6 +699,7 @@ def finetune_geoclip(model: GeoclipModel, train_rows: pd.DataFrame, val_rows: pd
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.lr_decay)
         queue = _Queue(config.queue_size, device)
         if checkpoint is None:
+            locations = gallery_embeddings(heads, gallery) if gallery is not None else None
             history = [_epoch_row(heads, 0, float("nan"), val, gallery, locations, float("nan"), 0.0)]
             best_epoch, resumed_from = 0, None
             _save(out, heads, optimizer, scheduler, queue, history, best_epoch, config, data_hashes, improved=True)
