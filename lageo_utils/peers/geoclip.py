@@ -529,8 +529,12 @@ def predictions_table(rows: pd.DataFrame, predictions: GeoclipPredictions) -> pd
 
 @dataclass(frozen=True)
 class GeoclipTrainConfig:
-    """Fine-tuning settings. Adam with a per-epoch step decay; lr, weight decay, decay and queue size
-    default to the ``geoclip`` package's training setup (its queue is 4096 coordinates)."""
+    """Fine-tuning settings: Adam with a per-epoch step decay of the learning rate.
+
+    ``queue_size`` defaults to the ``geoclip`` package's 4096; learning rate, weight decay and
+    decay are starting points after GeoCLIP's paper (not checked against it here, not tuned for
+    LA): choose them on the validation split.
+    """
 
     epochs: int = 10
     batch_size: int = 256
