@@ -672,3 +672,35 @@ def _lookup(mapping: Mapping, keys: Sequence[str]):
             return None
         value = value[key]
     return value
+
+
+@_themed()
+def trained_untrained_figure(breakdown: Mapping[str, Mapping]) -> Figure:
+    """Each model's accuracy on the regions fine-tuning saw and on the others (95% bootstrap intervals), and the
+    share of untrained-region images pulled into a trained region."""
+    models = [m for m, parts in breakdown.items() if parts.get("trained") or parts.get("untrained")]
+    fig = new_figure((max(7.0, 1.6 * len(models) + 3), 4.6))
+    ax = fig.add_subplot()
+    x = np.arange(len(models))
+    width = 0.27
+    series = (("trained regions", "trained", "accuracy", MODEL_COLORS[1]),
+              ("untrained regions", "untrained", "accuracy", MODEL_COLORS[2]),
+              ("untrained images pulled into a trained region", "untrained", "pulled_into_trained", MODEL_COLORS[0]))
+    for offset, (label, part, key, colour) in zip((-width, 0.0, width), series):
+        values, lows, highs = [], [], []
+        for model in models:
+            entry = breakdown[model].get(part) or {}
+            value = entry.get(key, np.nan)
+            low, high = (entry.get("ci", {}).get(key) or [np.nan, np.nan])
+            values.append(value)
+            lows.append(max(0.0, value - low) if np.isfinite(low) else 0.0)
+            highs.append(max(0.0, high - value) if np.isfinite(high) else 0.0)
+        ax.bar(x + offset, values, width, label=label, color=colour)
+        ax.errorbar(x + offset, values, yerr=[lows, highs], fmt="none", ecolor="#222222", elinewidth=1, capsize=3)
+    ax.set_xticks(x, models)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of test images")
+    ax.set_title("Trained and untrained regions (bars: 95% bootstrap CI over capture points)", fontsize=12)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -363,3 +363,45 @@ def _unflatten(values: Mapping) -> dict:
 def _float(value) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def trained_untrained(predictions: pd.DataFrame, train_regions: Sequence[str], *, n_boot: int = 1000, seed: int = 0,
+                      ci: float = 0.95) -> dict:
+    """A model on the regions fine-tuning saw and on the others, each with a bootstrap interval over capture points.
+
+    ``trained``/``untrained``: images, accuracy, macro recall over the regions present; for the
+    untrained regions also ``pulled_into_trained``, the share of their images answered with a
+    trained region (what fine-tuning on some regions does to the rest).
+    """
+    trained = set(train_regions)
+    inside = predictions["true_region"].isin(trained).to_numpy()
+    result = {}
+    for name, mask in (("trained", inside), ("untrained", ~inside)):
+        part = predictions[mask].reset_index(drop=True)
+        if part.empty:
+            result[name] = None
+            continue
+        fns: dict[str, MetricFn] = {"accuracy": lambda df, w: float(np.average(df["correct"], weights=w))}
+        if name == "untrained":
+            fns["pulled_into_trained"] = lambda df, w: float(np.average(df["pred_region"].isin(trained), weights=w))
+        bounds = bootstrap_ci(part, fns, n_boot=n_boot, seed=seed, ci=ci)
+        present = sorted(part["true_region"].unique())
+        result[name] = {
+            "n_images": len(part),
+            "regions": present,
+            "accuracy": float(part["correct"].mean()),
+            "recall_macro": float(precision_recall_fscore_support(part["true_region"], part["pred_region"],
+                                                                  labels=present, average="macro",
+                                                                  zero_division=0)[1]),
+            "ci": bounds,
+        }
+        if name == "untrained":
+            result[name]["pulled_into_trained"] = float(part["pred_region"].isin(trained).mean())
+    return result
+
+
+def calibration_summary(predictions: pd.DataFrame) -> dict:
+    """Temperature scaling's effect on the test split: the fitted temperature and the ECE before and after."""
+    before = predictions.assign(confidence=predictions["confidence_uncalibrated"])
+    return {"temperature": float(predictions.attrs.get("temperature", 1.0)),
+            "ece_uncalibrated": expected_calibration_error(before), "ece": expected_calibration_error(predictions)}

@@ -283,6 +283,10 @@ def predictions_from_embeddings(predictor: GeoPredictor, manifest: pd.DataFrame,
     """The predictions table of ``manifest`` from its already computed embeddings (``embed_manifest``'s result)."""
     probs = predictor.probabilities(result.embeddings)
     table = predictions_from_probs(manifest.iloc[result.rows], probs, predictor.regions, top_k)
+    # What calibration changed: the top-1 probability before temperature scaling (the ranking is the same).
+    table["confidence_uncalibrated"] = predictor.logits(result.embeddings).double().softmax(dim=-1).max(dim=-1).values \
+        .cpu().numpy() if len(table) else np.empty(0)
+    table.attrs["temperature"] = predictor.temperature
     table.attrs["failures"] = result.failures.to_dict(orient="records")
     if len(result.failures):
         log.warning("%d images could not be read and have no prediction: %s", len(result.failures),

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from lageo_utils.files import atomic_write
-from lageo_utils.params import ParamError, check_params, defaults
+from lageo_utils.params import PROMPT_VARIANTS, STRATEGIES, ParamError, check_params, defaults
 from lageo_utils.regions import PROJECT_ROOT
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -33,6 +33,7 @@ PACKAGES = ["torch", "open_clip_torch", "numpy", "pandas", "scikit-learn", "geop
 PARAMS, MANIFEST, AUDIT, DATA = "params.yaml", "manifest.csv", "audit.json", "data.json"
 HISTORY, TRAIN_SUMMARY, METRICS = "history.csv", "train_summary.json", "metrics.json"
 REPORT, FAILED = "report.html", "FAILED.json"
+STRATEGIES_FILE = "strategies.json"  # step 03: each strategy's training summary and WiSE-FT search
 CHECKPOINTS, FIGURES, NOTEBOOKS, LOCATORS = "checkpoints", "figures", "notebooks", "locator"
 SPLITS = ("train", "val", "test")
 MODEL_LABELS = {"zeroshot": "Zero-shot CLIP", "finetuned": "Fine-tuned CLIP"}  # the prediction tables step 04 compares
@@ -62,6 +63,16 @@ def classification_report_file(model: str) -> str:
     return f"classification_report_{model}.txt"
 
 
+def strategy_predictions_file(strategy: str, wise: bool = False) -> str:
+    """One fine-tuning strategy's test predictions (``wise``: at its WiSE-FT weight chosen on validation)."""
+    return f"predictions_strategy_{strategy}{'_wise' if wise else ''}.parquet"
+
+
+def prompt_predictions_file(variant: str) -> str:
+    """Zero-shot test predictions with one prompt variant."""
+    return f"predictions_prompt_{variant}.parquet"
+
+
 @dataclass(frozen=True)
 class StepFiles:
     """What one notebook step reads and writes inside the run directory."""
@@ -74,10 +85,12 @@ class StepFiles:
 STEP_FILES: dict[str, StepFiles] = {
     "01_explore_data": StepFiles((), (MANIFEST, *map(split_file, SPLITS), AUDIT, DATA), (split_file("excluded"),)),
     "02_zero_shot": StepFiles((PARAMS, DATA, *map(split_file, SPLITS)),
-                              (predictions_file("zeroshot"), locator_dir("zeroshot"), coordinates_file("zeroshot"))),
+                              (predictions_file("zeroshot"), locator_dir("zeroshot"), coordinates_file("zeroshot")),
+                              tuple(map(prompt_predictions_file, PROMPT_VARIANTS))),
     "03_finetune": StepFiles((PARAMS, DATA, *map(split_file, SPLITS)),
-                             (HISTORY, TRAIN_SUMMARY, predictions_file("finetuned"), locator_dir("finetuned"),
-                              coordinates_file("finetuned"))),
+                             (HISTORY, TRAIN_SUMMARY, STRATEGIES_FILE, predictions_file("finetuned"),
+                              locator_dir("finetuned"), coordinates_file("finetuned")),
+                             tuple(strategy_predictions_file(s, wise) for s in STRATEGIES for wise in (False, True))),
     "04_evaluate": StepFiles((PARAMS, DATA, AUDIT, *map(split_file, SPLITS), *map(predictions_file, MODELS),
                               *map(locator_dir, MODELS), *map(coordinates_file, MODELS)),
                              (*map(classification_report_file, MODELS), METRICS)),
@@ -120,6 +133,20 @@ class RunDir(type(Path())):  # type(Path()): the concrete Path class of this pla
     @property
     def checkpoints(self) -> Path:
         return self / CHECKPOINTS
+
+    def strategy_checkpoints(self, strategy: str) -> Path:
+        """``checkpoints/<strategy>/``: best.pt, last.pt, history.csv, train_summary.json of one strategy."""
+        return self / CHECKPOINTS / strategy
+
+    def strategy_predictions(self, strategy: str, wise: bool = False) -> Path:
+        return self / strategy_predictions_file(strategy, wise)
+
+    def prompt_predictions(self, variant: str) -> Path:
+        return self / prompt_predictions_file(variant)
+
+    @property
+    def strategies_file(self) -> Path:
+        return self / STRATEGIES_FILE
 
     @property
     def history(self) -> Path:

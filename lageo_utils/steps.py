@@ -225,11 +225,42 @@ def zero_shot(run: RunDir, params: dict) -> pd.DataFrame:
     model, preprocess, tokenizer = load_model(params)
     predictor = GeoPredictor(model, preprocess, tokenizer, regions, device=params["device"], model_name=params["model"])
     embedded = embed_splits(run, params, predictor)
-    predictions = predictions_from_embeddings(predictor, load_split(run, "test"), embedded["test"], params["top_k"])
+    predictor.temperature = fit_validation_temperature(run, predictor, embedded["val"])
+    test = load_split(run, "test")
+    predictions = predictions_from_embeddings(predictor, test, embedded["test"], params["top_k"])
     predictions.to_parquet(run.predictions("zeroshot"), index=False)
     log.info("zero-shot: %d test images, accuracy %.3f", len(predictions), predictions["correct"].mean())
+    prompt_variants(run, params, (model, preprocess, tokenizer), embedded["test"])
     locate(run, params, predictor, "zeroshot", embedded)
     return predictions
+
+
+def fit_validation_temperature(run: RunDir, predictor, val_embedded) -> float:
+    """Temperature scaling fitted on the validation split's logits (it changes no prediction, only confidences)."""
+    from lageo_utils.calibration import fit_temperature
+
+    val = load_split(run, "val").iloc[val_embedded.rows]
+    known = val["region_id"].isin(predictor.region_ids).to_numpy()
+    labels = val["region_id"][known].map(predictor.region_ids.index).to_numpy()
+    logits = predictor.logits(val_embedded.embeddings[known]).cpu().numpy()
+    return fit_temperature(logits, labels)
+
+
+def prompt_variants(run: RunDir, params: dict, clip: tuple, test_embedded) -> None:
+    """Zero-shot test predictions with each of ``prompt_variants`` (region name only, the seed's template, a
+    visual description without the name, an ensemble): does CLIP recognise the place or read its name?"""
+    from lageo_utils.predict import GeoPredictor, predictions_from_embeddings
+    from lageo_utils.prompts import PROMPT_VARIANTS, load_prompt_controls
+
+    regions = regions_of(params)
+    descriptors = load_prompt_controls(project_path(params["prompt_controls"]), regions)
+    test = load_split(run, "test")
+    for variant in params["prompt_variants"]:
+        predictor = GeoPredictor(*clip, regions, templates=PROMPT_VARIANTS[variant], descriptors=descriptors,
+                                 device=params["device"], model_name=params["model"])
+        table = predictions_from_embeddings(predictor, test, test_embedded, params["top_k"])
+        table.to_parquet(run.prompt_predictions(variant), index=False)
+        log.info("zero-shot, prompt variant %s: accuracy %.3f", variant, table["correct"].mean())
 
 
 def embed_splits(run: RunDir, params: dict, predictor) -> dict:
@@ -327,32 +358,87 @@ def quick_summary(predictions: pd.DataFrame) -> pd.Series:
 # --- 03: fine-tuning --------------------------------------------------------------------------
 
 def finetune(run: RunDir, params: dict) -> dict:
-    """Fine-tune on train, select on val, predict test with the best checkpoint, answer coordinates.
+    """Fine-tune with each of ``strategies`` in turn (train, select on val), predict test with each best
+    checkpoint, try WiSE-FT for strategies that change encoder weights, answer coordinates with the first.
 
-    Writes ``checkpoints/``, ``history.csv``, ``train_summary.json``,
-    ``predictions_finetuned.parquet``, ``locator/finetuned/`` and ``coordinates_finetuned.parquet``;
-    returns the training summary.
+    Each strategy trains into ``checkpoints/<strategy>/`` and resumes there; a strategy whose
+    predictions exist is done. The first strategy is the run's ``finetuned`` model: its
+    ``history.csv``, ``train_summary.json``, ``predictions_finetuned.parquet`` and coordinates.
+    Writes ``strategies.json`` (every strategy's summary and WiSE-FT search) last.
     """
     from lageo_utils.predict import load_finetuned, predictions_from_embeddings
     from lageo_utils.training import TrainConfig, train
 
     regions = regions_of(params)
-    config = TrainConfig(strategy=params["strategy"], model_name=params["model"], pretrained=params["pretrained"],
-                         **{name: params[name] for name in TRAIN_PARAMS})
     clip = load_model(params)
-    result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), run.checkpoints,
-                   config, device=params["device"], cache_dir=embedding_cache_dir(),
-                   resume=(run.checkpoints / "last.pt").exists(), clip=clip)
-    shutil.copy2(result.out_dir / run.history.name, run.history)
-    shutil.copy2(result.out_dir / run.train_summary.name, run.train_summary)
-    predictor = load_finetuned(result.best_checkpoint, regions, device=params["device"], clip=clip)
-    embedded = embed_splits(run, params, predictor)
-    predictions = predictions_from_embeddings(predictor, load_split(run, "test"), embedded["test"], params["top_k"])
-    predictions.to_parquet(run.predictions("finetuned"), index=False)
-    log.info("fine-tuned (%s): best epoch %d, validation accuracy %.3f", config.strategy,
-             result.summary["best_epoch"], result.summary["best_val_acc"])
-    locate(run, params, predictor, "finetuned", embedded)
-    return result.summary
+    test = load_split(run, "test")
+    partial = run.strategies_file.with_suffix(".partial.json")  # the strategies an interrupted run finished
+    done = json.loads(partial.read_text()) if partial.exists() else {}
+    for position, strategy in enumerate(run_strategies(params)):
+        if strategy in done and run.strategy_predictions(strategy).exists():
+            continue
+        config = TrainConfig(strategy=strategy, model_name=params["model"], pretrained=params["pretrained"],
+                             train_regions=params["train_regions"], **{name: params[name] for name in TRAIN_PARAMS})
+        out = run.strategy_checkpoints(strategy)
+        result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), out, config,
+                       device=params["device"], cache_dir=embedding_cache_dir(), resume=(out / "last.pt").exists(),
+                       clip=clip)
+        predictor = load_finetuned(result.best_checkpoint, regions, device=params["device"], clip=clip)
+        embedded = embed_splits(run, params, predictor)
+        predictions = predictions_from_embeddings(predictor, test, embedded["test"], params["top_k"])
+        predictions.to_parquet(run.strategy_predictions(strategy), index=False)
+        log.info("fine-tuned (%s): best epoch %d, validation accuracy %.3f, test accuracy %.3f", strategy,
+                 result.summary["best_epoch"], result.summary["best_val_acc"], predictions["correct"].mean())
+        done[strategy] = {**result.summary, "wise_ft": wise_ft_search(run, params, predictor, clip, strategy)}
+        if position == 0:
+            shutil.copy2(out / run.history.name, run.history)
+            shutil.copy2(out / run.train_summary.name, run.train_summary)
+            predictions.to_parquet(run.predictions("finetuned"), index=False)
+            locate(run, params, predictor, "finetuned", embedded)
+        write_json(partial, done)
+    write_json(run.strategies_file, done)
+    partial.unlink(missing_ok=True)
+    return done[run_strategies(params)[0]]
+
+
+def run_strategies(params: dict) -> list[str]:
+    """The strategies of a run: ``strategies``, or the one ``strategy``."""
+    return list(params["strategies"] or [params["strategy"]])
+
+
+def wise_ft_search(run: RunDir, params: dict, predictor, clip: tuple, strategy: str) -> dict | None:
+    """WiSE-FT for a strategy that changed encoder weights: every ``wise_alphas`` weight scored on the validation
+    split (all regions, and the trained and untrained ones apart), the best kept and its test predictions written.
+    None for strategies that leave the encoder as it was (nothing to interpolate)."""
+    from lageo_utils.embed import embed_manifest
+    from lageo_utils.predict import predictions_from_embeddings, wise_ft
+    from lageo_utils.training.config import ENCODER_STRATEGIES
+
+    if strategy not in ENCODER_STRATEGIES or len(params["wise_alphas"]) < 2:
+        return None
+    val, trained = load_split(run, "val"), params["train_regions"]
+    grid = []
+    for alpha in sorted(params["wise_alphas"]):
+        mixed = wise_ft(predictor, clip[0], alpha)
+        embedded = embed_manifest(mixed.model, mixed.preprocess, val, image_root(run), cache_dir=embedding_cache_dir(),
+                                  batch_size=params["embed_batch_size"], device=mixed.device,
+                                  model_name=params["model"])
+        table = predictions_from_embeddings(mixed, val, embedded, params["top_k"])
+        inside = table["true_region"].isin(trained) if trained else pd.Series(True, index=table.index)
+        grid.append({"alpha": alpha, "val_accuracy": float(table["correct"].mean()),
+                     "val_accuracy_trained": float(table.loc[inside, "correct"].mean()) if inside.any() else None,
+                     "val_accuracy_untrained": float(table.loc[~inside, "correct"].mean()) if (~inside).any()
+                     else None})
+    best = max(grid, key=lambda row: (row["val_accuracy"], row["alpha"]))  # ties: the more fine-tuned
+    mixed = wise_ft(predictor, clip[0], best["alpha"])
+    test = load_split(run, "test")
+    embedded = embed_manifest(mixed.model, mixed.preprocess, test, image_root(run), cache_dir=embedding_cache_dir(),
+                              batch_size=params["embed_batch_size"], device=mixed.device, model_name=params["model"])
+    predictions_from_embeddings(mixed, test, embedded, params["top_k"]).to_parquet(
+        run.strategy_predictions(strategy, wise=True), index=False)
+    log.info("WiSE-FT (%s): alpha %.2f chosen on validation (accuracy %.3f)", strategy, best["alpha"],
+             best["val_accuracy"])
+    return {"grid": grid, "alpha": best["alpha"]}
 
 
 # Run parameters that TrainConfig takes under the same name.
@@ -385,11 +471,78 @@ def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
     doc = metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, params,
                        {k: counts[k] for k in SPLITS}, n_boot=params["n_boot"], seed=params["seed"])
     doc.update(coordinate_metrics(run, params))
+    doc.update(strategy_metrics(run, params, predictions["zeroshot"]))
     for name, preds in predictions.items():
         run.classification_report(name).write_text(classification_report_text(preds, regions))
     figures = evaluation_figures(run, params, doc, predictions)
+    figures.update(strategy_figures(run, params, doc, predictions))
     write_json(run.metrics, doc)
     return doc, figures
+
+
+def strategy_metrics(run: RunDir, params: dict, zeroshot: pd.DataFrame) -> dict:
+    """The strategy keys of ``metrics.json``: ``strategies`` (each strategy's M with intervals, a paired bootstrap
+    against zero-shot, trainable parameters, training seconds, its WiSE-FT search), ``regions_breakdown`` (every
+    model on the trained and the untrained regions, when ``train_regions`` is set), ``calibration`` (temperature
+    and ECE before and after) and ``prompts`` (zero-shot per prompt variant)."""
+    from lageo_utils.metrics import (
+        bootstrap_ci,
+        calibration_summary,
+        compare_models,
+        compute_metrics,
+        trained_untrained,
+    )
+
+    regions = regions_of(params)
+    boot = {"n_boot": params["n_boot"], "seed": params["seed"]}
+
+    def scored(table: pd.DataFrame) -> dict:
+        m = compute_metrics(table, regions)
+        m["ci"] = bootstrap_ci(table, regions=regions, **boot)
+        m["paired_vs_zeroshot"] = compare_models(table, zeroshot, regions=regions, **boot)
+        return m
+
+    tables = {"zeroshot": zeroshot}
+    strategies = {}
+    for strategy, summary in json.loads(run.strategies_file.read_text()).items():
+        tables[strategy] = pd.read_parquet(run.strategy_predictions(strategy))
+        strategies[strategy] = {**scored(tables[strategy]), "trainable_params": summary["trainable_params"],
+                                "train_seconds": summary["seconds"], "wise_ft": summary["wise_ft"]}
+        if summary["wise_ft"]:
+            tables[f"{strategy}_wise"] = pd.read_parquet(run.strategy_predictions(strategy, wise=True))
+            strategies[strategy]["wise_ft"] = {**summary["wise_ft"], **scored(tables[f"{strategy}_wise"])}
+    trained = params["train_regions"]
+    return {
+        "strategies": strategies,
+        "regions_breakdown": {name: trained_untrained(table, trained, **boot) for name, table in tables.items()}
+        if trained else {},
+        "calibration": {name: calibration_summary(table) for name, table in tables.items()
+                        if "confidence_uncalibrated" in table},
+        "prompts": {variant: scored(pd.read_parquet(run.prompt_predictions(variant)))
+                    for variant in params["prompt_variants"] if run.prompt_predictions(variant).exists()},
+    }
+
+
+def strategy_figures(run: RunDir, params: dict, metrics: dict, predictions: dict[str, pd.DataFrame]) -> dict:
+    """Strategies side by side, trained vs untrained regions, reliability before and after temperature scaling."""
+    from lageo_utils import figures
+    from lageo_utils.metrics import reliability_table
+
+    made = {}
+    strategies = {"zero-shot": metrics["zeroshot"], **{s: m for s, m in metrics["strategies"].items()}}
+    strategies.update({f"{s} + WiSE-FT (alpha {m['wise_ft']['alpha']:.2f})": m["wise_ft"]
+                       for s, m in metrics["strategies"].items() if m.get("wise_ft")})
+    made["04_strategies"] = figures.comparison_bar(strategies)
+    if metrics["regions_breakdown"]:
+        made["04_trained_untrained"] = figures.trained_untrained_figure(metrics["regions_breakdown"])
+    for name, preds in predictions.items():
+        if "confidence_uncalibrated" in preds:
+            before = preds.assign(confidence=preds["confidence_uncalibrated"])
+            calibration = metrics["calibration"][name]
+            made[f"04_reliability_uncalibrated_{name}"] = figures.reliability_diagram(
+                reliability_table(before), calibration["ece_uncalibrated"],
+                f"{MODEL_LABELS[name]}: reliability before temperature scaling")
+    return {name: show(fig, run, name) for name, fig in made.items()}
 
 
 def coordinate_metrics(run: RunDir, params: dict) -> dict:
