@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
 
 def fit_temperature(logits, labels, max_iter: int = 200) -> float:
     """The temperature that minimises the negative log-likelihood of ``labels`` under ``softmax(logits / T)``."""
@@ -27,7 +29,9 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp())
+    # A model with no skill drives the fit towards uniform probabilities (T -> infinity); beyond these bounds the
+    # probabilities no longer change in any digit a report shows.
+    return float(log_t.detach().exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
 
 
 def nll(logits, labels, temperature: float = 1.0) -> float:

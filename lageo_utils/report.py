@@ -232,3 +232,85 @@ def coordinate_markdown(metrics: dict, params: dict) -> str:
                      "difference [95% CI] | median error difference (km) | at 1 km |\n|---|---|---|---|---|\n"
                      + "\n".join(paired))
     return "\n\n".join(lines)
+
+
+# --- strategies side by side (metrics keys: strategies, regions_breakdown, calibration, prompts) ---------------
+
+def strategies_table(metrics: dict) -> pd.DataFrame:
+    """Zero-shot and every strategy (and its WiSE-FT model): scores with 95% CIs, trainable parameters, training
+    time, and the paired bootstrap of the accuracy gain over zero-shot."""
+    rows = {"zero-shot": _strategy_row(metrics["zeroshot"])}
+    for strategy, m in metrics.get("strategies", {}).items():
+        rows[strategy] = _strategy_row(m)
+        if m.get("wise_ft") and "accuracy" in m["wise_ft"]:
+            rows[f"{strategy} + WiSE-FT (alpha {m['wise_ft']['alpha']:.2f})"] = _strategy_row(m["wise_ft"])
+    return pd.DataFrame(rows).T
+
+
+def _strategy_row(m: dict) -> dict:
+    ci = m.get("ci", {})
+    paired = m.get("paired_vs_zeroshot")
+    return {
+        "Accuracy": _with_ci(m["accuracy"], ci.get("accuracy")),
+        "F1 (macro)": _with_ci(m["f1_macro"], ci.get("f1_macro")),
+        "F1 (weighted)": _fmt(m["f1_weighted"]),
+        "ACC@1 km": _with_ci(m["acc_at_km"]["1"], ci.get("acc_at_km", {}).get("1")),
+        "ACC@25 km": _with_ci(m["acc_at_km"]["25"], ci.get("acc_at_km", {}).get("25")),
+        "Accuracy minus zero-shot (paired)": "–" if not paired else
+        f"{paired['difference']:+.3f} [{paired['ci'][0]:+.3f}, {paired['ci'][1]:+.3f}]",
+        "Trainable params": f"{m['trainable_params']:,}" if "trainable_params" in m else "0",
+        "Training (s)": _fmt(m.get("train_seconds"), 1) if "train_seconds" in m else "–",
+    }
+
+
+def trained_untrained_table(metrics: dict) -> pd.DataFrame | None:
+    """Each model on the trained and the untrained regions (None when every region was trained)."""
+    breakdown = metrics.get("regions_breakdown") or {}
+    if not breakdown:
+        return None
+    rows = {}
+    for model, parts in breakdown.items():
+        trained, untrained = parts.get("trained") or {}, parts.get("untrained") or {}
+        rows[model] = {
+            "Accuracy, trained regions": _with_ci(trained.get("accuracy"), trained.get("ci", {}).get("accuracy")),
+            "Accuracy, untrained regions": _with_ci(untrained.get("accuracy"), untrained.get("ci", {}).get("accuracy")),
+            "Untrained images pulled into a trained region": _with_ci(
+                untrained.get("pulled_into_trained"), untrained.get("ci", {}).get("pulled_into_trained")),
+            "Recall (macro), trained / untrained": f"{_fmt(trained.get('recall_macro'))} / "
+                                                  f"{_fmt(untrained.get('recall_macro'))}",
+        }
+    return pd.DataFrame(rows).T
+
+
+def wise_ft_table(metrics: dict) -> pd.DataFrame | None:
+    """The WiSE-FT weights tried on validation for each strategy that changed encoder weights."""
+    rows = [{"strategy": strategy, "alpha": row["alpha"], "validation accuracy": _fmt(row["val_accuracy"]),
+             "trained regions": _fmt(row["val_accuracy_trained"]), "untrained regions": _fmt(row["val_accuracy_untrained"]),
+             "chosen": "✓" if row["alpha"] == m["wise_ft"]["alpha"] else ""}
+            for strategy, m in metrics.get("strategies", {}).items() if m.get("wise_ft") for row in m["wise_ft"]["grid"]]
+    return pd.DataFrame(rows).set_index(["strategy", "alpha"]) if rows else None
+
+
+def prompts_table(metrics: dict) -> pd.DataFrame | None:
+    """Zero-shot with each prompt variant: does CLIP recognise the place or read its name?"""
+    labels = {"name": "region name only", "seed": "the seed's template (name, description)",
+              "visual": "visual description, no name", "ensemble": "prompt ensemble"}
+    prompts = metrics.get("prompts") or {}
+    if not prompts:
+        return None
+    return pd.DataFrame({labels.get(variant, variant): {
+        "Accuracy": _with_ci(m["accuracy"], m["ci"].get("accuracy")), "F1 (macro)": _fmt(m["f1_macro"]),
+        "ACC@1 km": _fmt(m["acc_at_km"]["1"]),
+        "Accuracy minus zero-shot (paired)": f"{m['paired_vs_zeroshot']['difference']:+.3f} "
+                                             f"[{m['paired_vs_zeroshot']['ci'][0]:+.3f}, "
+                                             f"{m['paired_vs_zeroshot']['ci'][1]:+.3f}]",
+    } for variant, m in prompts.items()}).T
+
+
+def calibration_table(metrics: dict) -> pd.DataFrame | None:
+    """The temperature fitted on validation and the test ECE before and after, per model."""
+    calibration = metrics.get("calibration") or {}
+    if not calibration:
+        return None
+    return pd.DataFrame({model: {"Temperature": _fmt(c["temperature"], 3), "ECE before": _fmt(c["ece_uncalibrated"]),
+                                 "ECE after": _fmt(c["ece"])} for model, c in calibration.items()}).T

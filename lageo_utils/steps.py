@@ -471,7 +471,7 @@ def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
     doc = metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, params,
                        {k: counts[k] for k in SPLITS}, n_boot=params["n_boot"], seed=params["seed"])
     doc.update(coordinate_metrics(run, params))
-    doc.update(strategy_metrics(run, params, predictions["zeroshot"]))
+    doc.update(strategy_metrics(run, params, predictions))
     for name, preds in predictions.items():
         run.classification_report(name).write_text(classification_report_text(preds, regions))
     figures = evaluation_figures(run, params, doc, predictions)
@@ -480,7 +480,7 @@ def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
     return doc, figures
 
 
-def strategy_metrics(run: RunDir, params: dict, zeroshot: pd.DataFrame) -> dict:
+def strategy_metrics(run: RunDir, params: dict, predictions: dict[str, pd.DataFrame]) -> dict:
     """The strategy keys of ``metrics.json``: ``strategies`` (each strategy's M with intervals, a paired bootstrap
     against zero-shot, trainable parameters, training seconds, its WiSE-FT search), ``regions_breakdown`` (every
     model on the trained and the untrained regions, when ``train_regions`` is set), ``calibration`` (temperature
@@ -495,6 +495,7 @@ def strategy_metrics(run: RunDir, params: dict, zeroshot: pd.DataFrame) -> dict:
 
     regions = regions_of(params)
     boot = {"n_boot": params["n_boot"], "seed": params["seed"]}
+    zeroshot = predictions["zeroshot"]
 
     def scored(table: pd.DataFrame) -> dict:
         m = compute_metrics(table, regions)
@@ -516,7 +517,7 @@ def strategy_metrics(run: RunDir, params: dict, zeroshot: pd.DataFrame) -> dict:
         "strategies": strategies,
         "regions_breakdown": {name: trained_untrained(table, trained, **boot) for name, table in tables.items()}
         if trained else {},
-        "calibration": {name: calibration_summary(table) for name, table in tables.items()
+        "calibration": {name: calibration_summary(table) for name, table in {**predictions, **tables}.items()
                         if "confidence_uncalibrated" in table},
         "prompts": {variant: scored(pd.read_parquet(run.prompt_predictions(variant)))
                     for variant in params["prompt_variants"] if run.prompt_predictions(variant).exists()},

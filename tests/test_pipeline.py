@@ -20,11 +20,16 @@ from PIL import Image
 from lageo_utils.notebook import PAPERMILL_KERNEL
 
 pytestmark = pytest.mark.slow
-REDUCED = ["-p", "demo_points_per_region", "3", "-p", "epochs", "2", "-p", "n_boot", "50", "-p", "demo_image_size", "96"]
+# The seed trained on 9 regions and scored 15: these are the 9 with test images in the seed's report.
+SEED_TRAINED = "downtown_la,hollywood,beverly_hills,santa_monica,venice_beach,koreatown,pasadena,long_beach,malibu"
+REDUCED = ["-p", "demo_points_per_region", "3", "-p", "epochs", "2", "-p", "n_boot", "50", "-p", "demo_image_size", "96",
+           "-p", "strategies", "linear_probe,text_scale,partial", "-p", "train_regions", SEED_TRAINED,
+           "-p", "wise_alphas", "0,0.5,1"]
 METRIC_KEYS = {"n_images", "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
                "recall_weighted", "f1_weighted", "acc_at_km", "median_error_km", "mean_error_km", "ece", "per_region"}
 REPORT_SECTIONS = ["Model comparison", "Per-region classification report", "Confusion matrices", "Maps",
                    "Training", "Calibration", "Example predictions (top-3)", "Coordinates: where exactly",
+                   "Strategies side by side", "Trained and untrained regions", "Prompt variants",
                    "Data and leakage audit", "Run"]
 METHODS = ["centroid", "expected", "retrieval", "region_retrieval", "geocell"]
 COORDINATE_KEYS = {"n_images", "acc_at_km", "acc_at_km_ci95", "median_error_km", "median_error_km_ci95",
@@ -65,7 +70,8 @@ def test_run_directory_has_every_file(demo_run, env):
     assert (outputs / "latest").resolve() == demo_run.resolve()
     for name in ["params.yaml", "manifest.csv", "train.csv", "val.csv", "test.csv", "audit.json", "data.json",
                  "predictions_zeroshot.parquet", "predictions_finetuned.parquet", "metrics.json", "history.csv",
-                 "train_summary.json", "checkpoints/best.pt", "checkpoints/last.pt", "report.html",
+                 "train_summary.json", "checkpoints/linear_probe/best.pt", "checkpoints/partial/last.pt", "report.html",
+                 "strategies.json", "predictions_strategy_partial_wise.parquet", "predictions_prompt_visual.parquet",
                  "coordinates_zeroshot.parquet", "coordinates_finetuned.parquet", "locator/zeroshot/locator.json",
                  "locator/zeroshot/gallery.npz", "locator/finetuned/locator.json", "locator/finetuned/geocell.pt",
                  "figures/04_coordinate_errors.png", "figures/04_risk_coverage.png", "figures/04_neighbours.png"]:
@@ -108,6 +114,29 @@ def test_metrics_json_keys(demo_run):
     settings = metrics["coordinate_settings"]
     assert settings["finetuned"]["retrieval"] == settings["zeroshot"]["retrieval"]
     assert metrics["methods"]["finetuned"]["retrieval"] == metrics["methods"]["zeroshot"]["retrieval"]
+
+
+def test_strategies_side_by_side_with_trained_and_untrained_regions(demo_run):
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    strategies = metrics["strategies"]
+    assert list(strategies) == ["linear_probe", "text_scale", "partial"]
+    assert strategies["linear_probe"]["accuracy"] == metrics["finetuned"]["accuracy"]  # the first is 'finetuned'
+    assert strategies["text_scale"]["trainable_params"] == 16  # a scale and a bias per region (15)
+    for m in strategies.values():
+        assert METRIC_KEYS <= m.keys() and {"difference", "ci"} <= m["paired_vs_zeroshot"].keys()
+    wise = strategies["partial"]["wise_ft"]
+    assert [row["alpha"] for row in wise["grid"]] == [0.0, 0.5, 1.0] and wise["alpha"] in (0.0, 0.5, 1.0)
+    assert strategies["linear_probe"]["wise_ft"] is None  # its encoder did not change
+    trained = set(SEED_TRAINED.split(","))
+    for model, parts in metrics["regions_breakdown"].items():
+        assert set(parts["trained"]["regions"]) <= trained, model
+        assert not set(parts["untrained"]["regions"]) & trained
+        assert 0 <= parts["untrained"]["pulled_into_trained"] <= 1
+    for model, calibration in metrics["calibration"].items():
+        assert calibration["temperature"] > 0 and calibration["ece"] >= 0, model
+    assert list(metrics["prompts"]) == ["name", "seed", "visual", "ensemble"]
+    history = pd.read_csv(demo_run / "checkpoints" / "partial" / "history.csv")
+    assert len(history) == 2
 
 
 def test_coordinate_answers_every_method_per_image_and_voted(demo_run):
@@ -315,7 +344,7 @@ def test_executed_notebooks_show_figures_as_png_with_alt_text(demo_run):
             assert pngs, f"{path.name}: no image/png output in cell {cell.source!r}"
             assert all(o.metadata["image/png"]["alt"] for o in pngs), f"{path.name}: image without alt text"
     assert drawn == {"01_explore_data.ipynb": 4, "02_zero_shot.ipynb": 0, "03_finetune.ipynb": 1,
-                     "04_evaluate.ipynb": 7, "05_report.ipynb": 8}
+                     "04_evaluate.ipynb": 8, "05_report.ipynb": 11}
     # the explorer's picture lives in its ipywidgets Output, saved with the notebook's widget state
     evaluate = nbformat.read(demo_run / "notebooks" / "04_evaluate.ipynb", as_version=4)
     state = evaluate.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
