@@ -15,7 +15,7 @@ from papermill.exceptions import PapermillExecutionError
 from traitlets.config import Config
 
 from lageo_utils.data import ManifestError
-from lageo_utils.model import WeightsUnavailableError, check_weights
+from lageo_utils.model import WeightsUnavailableError, backbone_family, check_weights
 from lageo_utils.notebook import PAPERMILL_KERNEL, html_exporter
 from lageo_utils.params import ParamError
 from lageo_utils.prompts import region_prompts
@@ -64,6 +64,14 @@ def preflight(params: dict) -> None:
         region_prompts(regions)
         if params["top_k"] > len(regions):
             raise ParamError(f"top_k must be <= the number of regions ({len(regions)}), got {params['top_k']}")
+        unknown = sorted(set(params["train_regions"] or []) - set(regions["id"]))
+        if unknown:
+            raise ParamError(f"train_regions {unknown} are not in the region file {params['regions']} "
+                             f"(ids: {', '.join(regions['id'])})")
+        if backbone_family(params["model"]) != "open_clip":
+            raise ParamError(f"model {params['model']!r} is image-only: the pipeline's zero-shot step needs CLIP. "
+                             "Train it with `lageo train` (linear_probe, partial, lora, full); running image-only "
+                             "backbones through the notebooks is not supported yet")
         check_weights(params["model"], params["pretrained"])
         if params["data_source"] == "manifest":
             read_data_manifest(params)

@@ -210,3 +210,11 @@ def test_lageo_run_refuses_a_region_file_without_descriptions(outputs, tmp_path,
     name = doc["features"][1]["properties"]["id"]
     assert f"region {name!r} has no 'description', which the prompt template needs" in capsys.readouterr().err
     assert not outputs.exists()
+
+
+def test_lageo_run_refuses_unknown_training_regions_and_image_only_backbones(outputs, capsys):
+    assert main(["run", "--profile", "demo", "-p", "train_regions", "downtown_la,atlantis"]) == 2
+    assert "train_regions ['atlantis'] are not in the region file" in capsys.readouterr().err
+    assert main(["run", "--profile", "demo", "-p", "model", "timm:lageo-tiny-dinov2"]) == 2
+    assert "is image-only: the pipeline's zero-shot step needs CLIP" in capsys.readouterr().err
+    assert not outputs.exists()
