@@ -180,7 +180,9 @@ def test_coordinate_settings_see_the_validation_split_only(demo_run, tmp_path, m
     model, preprocess, tokenizer = steps.load_model(params)
     predictor = GeoPredictor(model, preprocess, tokenizer, steps.regions_of(params), device="cpu",
                              model_name=params["model"])
-    steps.locate(run, params, predictor, "zeroshot", steps.embed_splits(run, params, predictor))
+    embedded = steps.embed_splits(run, params, predictor)
+    predictor.temperature = steps.fit_validation_temperature(run, predictor, embedded["val"])  # as step 02 does
+    steps.locate(run, params, predictor, "zeroshot", embedded)
     val, test = pd.read_csv(run / "val.csv"), pd.read_csv(run / "test.csv")
     assert np.array_equal(seen["val_lat"], val["latitude"]) and seen["n_val"] == len(val)
     assert not set(seen["gallery"]) & (set(val["image_path"]) | set(test["image_path"]))
