@@ -87,7 +87,7 @@ def embed_paths(
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     files = [Path(root) / p if root is not None else Path(p) for p in paths]
-    digests, failures = _hash_files(files)
+    digests, failures = hash_files(files)
     cache = EmbeddingCache.for_model(cache_dir, model, preprocess, device, model_name) if cache_dir else None
     known = cache.lookup(set(digests.values())) if cache else {}
 
@@ -118,7 +118,8 @@ def embed_paths(
     return _result(paths, ok_rows, vectors, failures, _embedding_dim(model))
 
 
-def _hash_files(files: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
+def hash_files(files: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
+    """SHA-256 of each readable file by position, and the reason for each one that could not be read."""
     digests, failures = {}, {}
     for pos, path in enumerate(files):
         try:

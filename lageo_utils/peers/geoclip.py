@@ -44,14 +44,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lageo_utils.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
-from lageo_utils.embed import EmbeddingCache
+from lageo_utils.embed import EmbeddingCache, hash_files
 from lageo_utils.files import atomic_write
 from lageo_utils.geo import haversine_km
 from lageo_utils.geolocate import Answers, answers_table, pool_by_location
 from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
 from lageo_utils.metrics import to_json_safe
 from lageo_utils.model import WeightsUnavailableError, autocast, resolve_device, weights_identity
-from lageo_utils.training.loop import deterministic
+from lageo_utils.training.data import frame_hash
+from lageo_utils.training.loop import TrainResult, deterministic
 
 log = logging.getLogger(__name__)
 
@@ -373,15 +374,7 @@ def backbone_features(model: GeoclipModel, paths: Sequence[str], *, root: str | 
     device = resolve_device(device) if device is not None else model.logit_scale.device
     model.to(device)
     files = [Path(root) / p if root is not None else Path(p) for p in paths]
-    digests, failures = {}, {}
-    for pos, path in enumerate(files):
-        try:
-            with open(path, "rb") as handle:
-                digests[pos] = hashlib.file_digest(handle, "sha256").hexdigest()
-        except FileNotFoundError:
-            failures[pos] = "file not found"
-        except OSError as exc:
-            failures[pos] = f"cannot read file ({exc.strerror or exc})"
+    digests, failures = hash_files(files)
     cache = feature_cache(model, cache_dir, device) if cache_dir is not None else None
     known = cache.lookup(set(digests.values())) if cache is not None else {}
     todo: dict[str, int] = {}  # digest -> first position with that content
@@ -556,17 +549,6 @@ class GeoclipTrainConfig:
 
 
 @dataclass
-class GeoclipTrainResult:
-    """What :func:`finetune_geoclip` wrote: the summary, the history and the checkpoint paths."""
-
-    summary: dict
-    history: pd.DataFrame
-    out_dir: Path
-    best_checkpoint: Path
-    last_checkpoint: Path
-
-
-@dataclass
 class _Split:
     features: torch.Tensor  # (n, IMAGE_FEATURE_DIM)
     coords: torch.Tensor  # (n, 2) float32, the model's input
@@ -595,11 +577,6 @@ def _split(model: GeoclipModel, rows: pd.DataFrame, name: str, root, cache_dir, 
     return _Split(torch.as_tensor(found.features, device=device),
                   torch.as_tensor(coords[found.rows], dtype=torch.float32, device=device), coords[found.rows],
                   found.failures)
-
-
-def _rows_hash(rows: pd.DataFrame) -> str:
-    hashed = pd.util.hash_pandas_object(rows[["image_path", "latitude", "longitude"]].astype(str), index=False)
-    return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()[:16]
 
 
 class _Queue:
@@ -666,7 +643,7 @@ def finetune_geoclip(model: GeoclipModel, train_rows: pd.DataFrame, val_rows: pd
                      root: str | os.PathLike | None = None, gallery: pd.DataFrame | None = None,
                      cache_dir: str | os.PathLike | None = None, device: str | torch.device = "auto",
                      resume: bool = False, embed_batch_size: int = 32, num_workers: int | None = None,
-                     on_step: StepHook | None = None) -> GeoclipTrainResult:
+                     on_step: StepHook | None = None) -> TrainResult:
     """Fine-tune GeoCLIP's image head and location encoder on the LA training split (``geoclip_finetuned``).
 
     ``train_rows``/``val_rows``: ``image_path`` (relative to ``root``), ``latitude``, ``longitude``.
@@ -686,7 +663,7 @@ def finetune_geoclip(model: GeoclipModel, train_rows: pd.DataFrame, val_rows: pd
     _check_rows(train_rows, "train")
     _check_rows(val_rows, "val")
     checkpoint = load_checkpoint(out / LAST) if resume else None
-    data_hashes = {"train": _rows_hash(train_rows), "val": _rows_hash(val_rows)}
+    data_hashes = {"train": _coordinates_hash(train_rows), "val": _coordinates_hash(val_rows)}
     if checkpoint is not None:
         _check_resumable(checkpoint, model, config, data_hashes, out / LAST)
     cache = Path(cache_dir) if cache_dir is not None else out / "feature_cache"
@@ -749,7 +726,7 @@ def finetune_geoclip(model: GeoclipModel, train_rows: pd.DataFrame, val_rows: pd
     }
     summary = to_json_safe(summary)  # NaN (no gallery, no training loss at epoch 0) becomes null
     atomic_write(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, allow_nan=False)))
-    return GeoclipTrainResult(summary, frame, out, out / BEST, out / LAST)
+    return TrainResult(summary, frame, out, out / BEST, out / LAST)
 
 
 def _train_epoch(heads: GeoclipModel, data: _Split, optimizer, queue: _Queue, config: GeoclipTrainConfig,
@@ -829,3 +806,7 @@ def load_finetuned(model: GeoclipModel, checkpoint: str | os.PathLike) -> Geocli
                          heads={k: state[k] for k in ("image_head", "location_encoder", "logit_scale")})
     tuned._backbone_identity = model.backbone_identity
     return tuned.to(model.logit_scale.device).eval()
+
+
+def _coordinates_hash(rows: pd.DataFrame) -> str:
+    return frame_hash(rows, ("image_path", "latitude", "longitude"))

@@ -48,9 +48,10 @@ def checked_manifest(manifest, regions, name: str) -> pd.DataFrame:
     return manifest.reset_index(drop=True)
 
 
-def frame_hash(df: pd.DataFrame) -> str:
-    """Content hash of a manifest's image paths and labels (what a resumed run must train on)."""
-    hashed = pd.util.hash_pandas_object(df[["image_path", "region_id"]].astype(str), index=False)
+def frame_hash(df: pd.DataFrame, columns: tuple[str, ...] = ("image_path", "region_id")) -> str:
+    """Content hash of a manifest's ``columns`` (by default its image paths and labels: what a resumed run must
+    train on)."""
+    hashed = pd.util.hash_pandas_object(df[list(columns)].astype(str), index=False)
     return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()[:16]
 
 
