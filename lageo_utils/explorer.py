@@ -9,11 +9,11 @@ from pathlib import Path
 import geopandas as gpd
 import ipywidgets as widgets
 import pandas as pd
-from IPython.display import display
 from matplotlib.figure import Figure
 
 from lageo_utils.images import ImageReadError, open_rgb
 from lageo_utils.maps import MAP_CRS
+from lageo_utils.notebook import figure_png
 
 
 class PredictionExplorer:
@@ -78,14 +78,21 @@ class PredictionExplorer:
             self._updating = False
 
     def redraw(self) -> None:
-        """Show the figure of the selected model and image in ``output``."""
-        self.output.clear_output(wait=True)
+        """Show the figure of the selected model and image in ``output``.
+
+        The Output widget's ``outputs`` are set directly rather than captured with ``with output:
+        display(...)``: the capture protocol's messages sometimes leave a batch executor (papermill's
+        nbclient) waiting forever on the cell, and a direct state update shows the same picture.
+        """
         self.shown = None
         if self.image_picker.value is None:
+            self.output.outputs = ()
             return
         self.shown = self.figure(self.image_picker.value)
-        with self.output:
-            display(self.shown)
+        png, metadata = figure_png(self.shown)
+        self.output.outputs = ({"output_type": "display_data",
+                                "data": {"image/png": png, "text/plain": f"Figure: {metadata['alt']}"},
+                                "metadata": {"image/png": metadata}},)
 
     def figure(self, image_path: str, model: str | None = None) -> Figure:
         """The image, its top-k probabilities under ``model`` (default: the selected one) and a map
