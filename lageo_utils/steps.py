@@ -235,6 +235,11 @@ def zero_shot(run: RunDir, params: dict) -> pd.DataFrame:
     return predictions
 
 
+def zero_shot_temperature(run: RunDir) -> float:
+    """The temperature step 02 fitted on the validation split (1.0 for runs made before calibration)."""
+    return float(pd.read_parquet(run.predictions("zeroshot")).attrs.get("temperature", 1.0))
+
+
 def fit_validation_temperature(run: RunDir, predictor, val_embedded) -> float:
     """Temperature scaling fitted on the validation split's logits (it changes no prediction, only confidences)."""
     from lageo_utils.calibration import fit_temperature
@@ -404,6 +409,11 @@ def finetune(run: RunDir, params: dict) -> dict:
 def run_strategies(params: dict) -> list[str]:
     """The strategies of a run: ``strategies``, or the one ``strategy``."""
     return list(params["strategies"] or [params["strategy"]])
+
+
+def finetuned_checkpoint(run: RunDir, params: dict) -> Path:
+    """``best.pt`` of the run's fine-tuned model (its first strategy)."""
+    return run.strategy_checkpoints(run_strategies(params)[0]) / "best.pt"
 
 
 def wise_ft_search(run: RunDir, params: dict, predictor, clip: tuple, strategy: str) -> dict | None:

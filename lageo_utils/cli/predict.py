@@ -112,7 +112,7 @@ def _run_model(run_dir: str, model: str, method: str, device: str):
     from lageo_utils.predict import GeoPredictor, load_finetuned
     from lageo_utils.regions import RegionsError
     from lageo_utils.runs import RunError, read_params, resolve_run_dir
-    from lageo_utils.steps import image_root, load_model, regions_of
+    from lageo_utils.steps import finetuned_checkpoint, image_root, load_model, regions_of, zero_shot_temperature
 
     try:
         run = resolve_run_dir(run_dir)
@@ -134,9 +134,10 @@ def _run_model(run_dir: str, model: str, method: str, device: str):
         if model == "zeroshot":
             clip_model, preprocess, tokenizer = load_model(params)
             predictor = GeoPredictor(clip_model, preprocess, tokenizer, regions, device=device,
-                                     model_name=params["model"])
+                                     model_name=params["model"], temperature=zero_shot_temperature(run))
         else:
-            predictor = load_finetuned(run.checkpoints / "best.pt", regions, device=device, clip=load_model(params))
+            predictor = load_finetuned(finetuned_checkpoint(run, params), regions, device=device,
+                                       clip=load_model(params))
     except (RegionsError, WeightsUnavailableError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise CommandError(f"{run}: {exc}") from None
     return predictor, locator, image_root(run)
