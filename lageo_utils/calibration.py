@@ -15,7 +15,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 def fit_temperature(logits, labels, max_iter: int = 200) -> float:
     """The temperature that minimises the negative log-likelihood of ``labels`` under ``softmax(logits / T)``."""
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    logits = torch.as_tensor(np.array(logits, dtype=np.float64))  # a copy: the caller's array may be read-only
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError(f"need (n, classes) logits and n labels, got {tuple(logits.shape)} and {len(labels)}")
@@ -36,5 +36,5 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
 
 def nll(logits, labels, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    logits = torch.as_tensor(np.array(logits, dtype=np.float64))  # a copy: the caller's array may be read-only
     return float(F.cross_entropy(logits / temperature, torch.as_tensor(np.asarray(labels), dtype=torch.long)))

@@ -346,7 +346,7 @@ def test_executed_notebooks_show_figures_as_png_with_alt_text(demo_run):
             assert pngs, f"{path.name}: no image/png output in cell {cell.source!r}"
             assert all(o.metadata["image/png"]["alt"] for o in pngs), f"{path.name}: image without alt text"
     assert drawn == {"01_explore_data.ipynb": 4, "02_zero_shot.ipynb": 0, "03_finetune.ipynb": 1,
-                     "04_evaluate.ipynb": 8, "05_report.ipynb": 11}
+                     "04_evaluate.ipynb": 9, "05_report.ipynb": 11}
     # the explorer's picture lives in its ipywidgets Output, saved with the notebook's widget state
     evaluate = nbformat.read(demo_run / "notebooks" / "04_evaluate.ipynb", as_version=4)
     state = evaluate.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
