@@ -76,7 +76,7 @@ def assert_folder_consistent(out: Path) -> pd.DataFrame:
         assert path.stat().st_size == row.file_size_bytes, row.image_path
         with Image.open(path) as img:
             img.load()
-    assert not list(out.rglob("*.part")) and not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.part")) and not list(out.rglob(".*.tmp*"))
     listed = {out / p for p in table["image_path"]}
     assert set((out / "images").glob("*.jpg")) == listed  # no stray image either
     return table

@@ -178,7 +178,7 @@ def test_predict_manifest_reports_unreadable_images(predictor, regions, photos, 
 
     table = predict_manifest(predictor, manifest, tmp_path, batch_size=2, top_k=3, cache_dir=tmp_path / "cache")
 
-    assert list(table.columns) == TABLE_COLUMNS
+    assert list(table.columns) == [*TABLE_COLUMNS, "confidence_uncalibrated"]  # through the embedding pipeline
     assert table["image_path"].tolist() == [photos[0].name, photos[1].name, photos[2].name]
     assert [f["image_path"] for f in table.attrs["failures"]] == ["broken.jpg"]
     assert "truncated" in table.attrs["failures"][0]["reason"]

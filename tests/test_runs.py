@@ -61,8 +61,8 @@ def test_latest_and_forking_never_modify_a_finished_run(outputs):
     write_params(run, {"epochs": 8})
     for name in ("data.json", "train.csv", "val.csv", "test.csv", "manifest.csv", "audit.json"):
         (run / name).write_text(name)
-    for name in ("history.csv", "train_summary.json", "predictions_finetuned.parquet", "predictions_zeroshot.parquet",
-                 "coordinates_zeroshot.parquet", "coordinates_finetuned.parquet"):
+    for name in ("history.csv", "train_summary.json", "strategies.json", "predictions_finetuned.parquet",
+                 "predictions_zeroshot.parquet", "coordinates_zeroshot.parquet", "coordinates_finetuned.parquet"):
         (run / name).write_text(name)
     for model in ("zeroshot", "finetuned"):  # locators are folders
         (run.locator(model)).mkdir(parents=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from lageo_utils.collect.http import CollectError, Retryable
-from lageo_utils.files import atomic_write
+from lageo_utils.files import atomic_write, remove_leftover_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ class ImageFolder:
             self._repair()
 
     def _repair(self) -> None:
-        for part in sorted(self.images.glob("*.part")):
+        self.repairs["partial_files_removed"] += remove_leftover_temporaries(self.images)
+        for part in sorted(self.images.glob("*.part")):  # what collectors before atomic_write left
             part.unlink()
             self.repairs["partial_files_removed"] += 1
         good, seen = [], set()
