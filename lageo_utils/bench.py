@@ -215,43 +215,48 @@ def _synthetic_embeddings(class_embeddings: torch.Tensor, count: int, seed: int)
 
 
 def benchmark_gallery(sizes: Sequence[int] = (10_000, 100_000, 1_000_000), dim: int = 512, queries: int = 1000,
-                      k: int = 10, seed: int = 0, nprobe: int = 32) -> dict:
+                      k: int = 10, seed: int = 0, nprobe: int = 32, repeats: int = 3) -> dict:
     """Gallery search throughput: exact numpy, exact FAISS (IndexFlatIP) and approximate FAISS (IVF-Flat).
 
     Gallery and queries are random unit vectors (seeded), the hardest case for an approximate
     index: real embeddings cluster, which raises IVF recall. Per size: build seconds, queries per
-    second, memory (the float32 gallery; each FAISS index's vectors, ids and centroids, from its
-    layout) and recall@k of each FAISS index against exact search.
+    second (the median of ``repeats`` rounds in which the backends take turns, so a change in the
+    machine's load hits them alike), memory (the float32 gallery; each FAISS index's vectors, ids
+    and centroids, from its layout) and recall@k of each FAISS index against exact search.
     """
     import faiss
 
+    backends = ("exact", "faiss", "faiss-ivf")
     rng = np.random.default_rng(seed)
     query_vectors = _unit(rng.standard_normal((queries, dim), dtype=np.float32))
     results = []
     for size in sizes:
         gallery = _unit(rng.standard_normal((size, dim), dtype=np.float32))
         row: dict = {"gallery_size": int(size), "gallery_mb": gallery.nbytes / 2**20}
-        exact_ids = None
-        for backend in ("exact", "faiss", "faiss-ivf"):
+        indexes, ids, seconds = {}, {}, {b: [] for b in backends}
+        for backend in backends:
             start = time.perf_counter()
-            index = NeighbourIndex(gallery, backend, nprobe=nprobe, seed=seed)
-            built = time.perf_counter()
-            _, ids = index.search(query_vectors, k)
-            searched = time.perf_counter()
-            entry = {"build_s": built - start, "search_s": searched - built,
-                     "queries_per_s": queries / max(searched - built, 1e-9)}
-            if backend == "exact":
-                exact_ids = ids
-            else:
-                nlist = index.settings.get("nlist", 0)  # IVF-Flat also stores an 8-byte id per vector
+            indexes[backend] = NeighbourIndex(gallery, backend, nprobe=nprobe, seed=seed)
+            row[backend.replace("-", "_")] = {"build_s": time.perf_counter() - start}
+        for _ in range(repeats):  # A B C, A B C, ...
+            for backend in backends:
+                start = time.perf_counter()
+                _, ids[backend] = indexes[backend].search(query_vectors, k)
+                seconds[backend].append(time.perf_counter() - start)
+        for backend in backends:
+            entry = row[backend.replace("-", "_")]
+            median_s = float(np.median(seconds[backend]))
+            entry.update(search_s=median_s, queries_per_s=queries / max(median_s, 1e-9))
+            if backend != "exact":
+                nlist = indexes[backend].settings.get("nlist", 0)  # IVF-Flat also stores an 8-byte id per vector
                 index_bytes = gallery.nbytes + (size * 8 + nlist * dim * 4 if nlist else 0)
-                entry.update(index_mb=index_bytes / 2**20, recall_at_k=_recall(ids, exact_ids), **index.settings)
-            row[backend.replace("-", "_")] = entry
-            del index
+                entry.update(index_mb=index_bytes / 2**20, recall_at_k=_recall(ids[backend], ids["exact"]),
+                             **indexes[backend].settings)
         results.append(row)
-        del gallery
-    return {"dim": dim, "k": k, "queries": queries, "seed": seed, "faiss_threads": faiss.omp_get_max_threads(),
-            "cpu_count": os.cpu_count(), "results": results}
+        del gallery, indexes
+    return {"dim": dim, "k": k, "queries": queries, "seed": seed, "repeats": repeats,
+            "faiss_threads": faiss.omp_get_max_threads(), "cpu_count": os.cpu_count(),
+            "load_avg_1min": round(os.getloadavg()[0], 2), "results": results}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""``lageo bench embed|train``: throughput benchmarks that print JSON figures."""
+"""``lageo bench embed|train|gallery``: throughput benchmarks that print JSON figures."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def register(subparsers) -> None:
     train.add_argument("--device", default="auto")
     train.set_defaults(func=_train)
 
+    gallery = group.add_parser("gallery", help="nearest-neighbour search: exact vs FAISS, queries/s, memory, recall")
+    gallery.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    gallery.add_argument("--dim", type=int, default=512)
+    gallery.add_argument("--queries", type=int, default=1000)
+    gallery.add_argument("--repeats", type=int, default=3, help="rounds in which the backends take turns")
+    gallery.set_defaults(func=_gallery)
+
 
 def _embed(args) -> int:
     from lageo_utils.bench import benchmark_embed
@@ -39,4 +46,11 @@ def _train(args) -> int:
 
     print_json(benchmark_train(model_name=args.model, pretrained=args.pretrained, strategy=args.strategy,
                                images=args.images, batch_size=args.batch_size, device=args.device))
+    return 0
+
+
+def _gallery(args) -> int:
+    from lageo_utils.bench import benchmark_gallery
+
+    print_json(benchmark_gallery(sizes=args.sizes, dim=args.dim, queries=args.queries, repeats=args.repeats))
     return 0
