@@ -701,6 +701,6 @@ def trained_untrained_figure(breakdown: Mapping[str, Mapping]) -> Figure:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of test images")
     ax.set_title("Trained and untrained regions (bars: 95% bootstrap CI over capture points)", fontsize=12)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=3, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
