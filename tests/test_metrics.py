@@ -242,3 +242,26 @@ def test_metrics_json_structure_and_json_safety():
     with pytest.raises(ValueError, match="val"):
         metrics_json(zeroshot, finetuned, SMALL_REGIONS, {}, {"train": 1, "test": 1}, n_boot=10)
 
+
+
+def test_trained_untrained_breakdown_matches_a_direct_count():
+    from lageo_utils.metrics import calibration_summary, trained_untrained
+
+    table = pd.DataFrame({
+        "true_region": ["a", "a", "b", "b", "c", "c", "c", "c"],
+        "pred_region": ["a", "b", "b", "b", "a", "c", "b", "c"],
+        "location_id": ["p1", "p1", "p2", "p2", "p3", "p3", "p4", "p4"],
+    })
+    table["correct"] = table["true_region"] == table["pred_region"]
+    table["confidence"], table["confidence_uncalibrated"], table["error_km"] = 0.9, 0.99, 1.0
+    result = trained_untrained(table, ["a", "b"], n_boot=200, seed=1)
+    assert result["trained"]["n_images"] == 4 and result["trained"]["accuracy"] == 3 / 4
+    assert result["untrained"]["accuracy"] == 2 / 4 and result["untrained"]["pulled_into_trained"] == 2 / 4
+    assert result["untrained"]["regions"] == ["c"] and result["trained"]["recall_macro"] == (1 / 2 + 1) / 2
+    lo, hi = result["untrained"]["ci"]["pulled_into_trained"]
+    assert 0 <= lo <= 0.5 <= hi <= 1
+    assert trained_untrained(table, ["a", "b", "c"], n_boot=50)["untrained"] is None
+
+    table.attrs["temperature"] = 2.0
+    summary = calibration_summary(table)
+    assert summary["temperature"] == 2.0 and summary["ece_uncalibrated"] > summary["ece"]
