@@ -27,7 +27,8 @@ class PredictionExplorer:
     """
 
     def __init__(self, predictions: Mapping[str, pd.DataFrame], regions: gpd.GeoDataFrame,
-                 image_root: str | os.PathLike, labels: Mapping[str, str] | None = None):
+                 image_root: str | os.PathLike, labels: Mapping[str, str] | None = None,
+                 coordinates: Mapping[str, pd.DataFrame] | None = None):
         if not predictions:
             raise ValueError("PredictionExplorer needs at least one predictions table")
         self.predictions = {name: table.reset_index(drop=True) for name, table in predictions.items()}
@@ -39,7 +40,11 @@ class PredictionExplorer:
                                              description="Model")
         self.region_picker = widgets.Dropdown(description="Region")
         self.image_picker = widgets.Dropdown(description="Image", layout=widgets.Layout(width="50%"))
-        self.table_pickers = [self.model_picker]
+        # Coordinate answers per model (steps 02/03): a Method control chooses the answer the map shows.
+        self.coordinates = {name: table[~table["voted"]] for name, table in (coordinates or {}).items()}
+        methods = sorted({m for table in self.coordinates.values() for m in table["method"]} - {"centroid"})
+        self.method_picker = widgets.Dropdown(options=["centroid", *methods], value="centroid", description="Method")
+        self.table_pickers = [self.model_picker, *([self.method_picker] if methods else [])]
         self.controls = [*self.table_pickers, self.region_picker, self.image_picker]
         self.output = widgets.Output()
         self.shown: Figure | None = None  # the figure on display
@@ -94,10 +99,11 @@ class PredictionExplorer:
                                 "data": {"image/png": png, "text/plain": f"Figure: {metadata['alt']}"},
                                 "metadata": {"image/png": metadata}},)
 
-    def figure(self, image_path: str, model: str | None = None) -> Figure:
-        """The image, its top-k probabilities under ``model`` (default: the selected one) and a map
-        of the true point and the predicted centroids."""
+    def figure(self, image_path: str, model: str | None = None, method: str | None = None) -> Figure:
+        """The image, its top-k probabilities under ``model`` (default: the selected one) and a map of the
+        true point, the predicted centroids and, for a coordinate ``method`` other than centroid, its answer."""
         model = model or self.model_picker.value
+        method = method or self.method_picker.value
         table = self.predictions[model]
         rows = table.index[table["image_path"] == image_path]
         if not len(rows):
@@ -132,11 +138,25 @@ class PredictionExplorer:
                        label="predicted centroids (size = probability)")
         truth = gpd.GeoSeries(gpd.points_from_xy([pred["longitude"]], [pred["latitude"]]), crs="EPSG:4326")
         truth.to_crs(MAP_CRS).plot(ax=ax_map, marker="*", markersize=250, color="tab:red", label="true location")
+        answer = self._answer(model, method, image_path)
+        if answer is not None:
+            point = gpd.GeoSeries(gpd.points_from_xy([answer["pred_lon"]], [answer["pred_lat"]]), crs="EPSG:4326")
+            point.to_crs(MAP_CRS).plot(ax=ax_map, marker="X", markersize=160, color="tab:blue",
+                                       label=f"{method}: {answer['error_km']:.2f} km off")
         ax_map.legend(loc="lower left", fontsize=8)
         ax_map.set_axis_off()
         ax_map.set_title("map (EPSG:3310)")
         fig.tight_layout()
         fig.set_label(f"{self.labels[model]} on {pred['image_path']} (true: {self.names[pred['true_region']]}): "
                       + ", ".join(f"{self.names[r]} {p:.0%}" for r, p in zip(top, probs))
-                      + f"; error {pred['error_km']:.1f} km")  # the alt text in notebooks
+                      + f"; error {pred['error_km']:.1f} km"
+                      + (f"; {method} {answer['error_km']:.2f} km" if answer is not None else ""))  # the alt text
         return fig
+
+    def _answer(self, model: str, method: str, image_path: str) -> pd.Series | None:
+        """The coordinate ``method``'s answer for one image (None for centroid, or without coordinates)."""
+        table = self.coordinates.get(model)
+        if method == "centroid" or table is None:
+            return None
+        rows = table[(table["method"] == method) & (table["image_path"] == image_path)]
+        return rows.iloc[0] if len(rows) else None

@@ -650,4 +650,5 @@ def explorer(run: RunDir, params: dict):
     """The interactive explorer widget over both models' predictions (needs a live kernel)."""
     from lageo_utils.explorer import PredictionExplorer
 
-    return PredictionExplorer(load_predictions(run), regions_of(params), image_root(run), labels=MODEL_LABELS).widget
+    return PredictionExplorer(load_predictions(run), regions_of(params), image_root(run), labels=MODEL_LABELS,
+                              coordinates=load_coordinates(run)).widget

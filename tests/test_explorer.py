@@ -85,3 +85,27 @@ def test_switching_model_keeps_what_the_other_table_has(regions, tmp_path):
 def test_explorer_needs_a_table(regions, tmp_path):
     with pytest.raises(ValueError, match="at least one predictions table"):
         PredictionExplorer({}, regions, tmp_path)
+
+
+def test_the_method_control_shows_a_coordinate_answer(regions, tmp_path):
+    models = _two_models(regions, tmp_path)
+    coordinates = {}
+    for name, table in models.items():
+        rows = []
+        for row in table.itertuples():
+            for method, (lat, lon, error) in {"centroid": (row.pred_lat, row.pred_lon, row.error_km),
+                                              "retrieval": (row.latitude + 0.0005, row.longitude, 0.056)}.items():
+                for voted in (False, True):
+                    rows.append({"image_path": row.image_path, "method": method, "voted": voted, "pred_lat": lat,
+                                 "pred_lon": lon, "error_km": error + voted})
+        coordinates[name] = pd.DataFrame(rows)
+    explorer = PredictionExplorer(models, regions, tmp_path, coordinates=coordinates)
+    assert list(explorer.method_picker.options) == ["centroid", "retrieval"]
+    assert explorer.method_picker in explorer.controls
+    assert "retrieval" not in explorer.shown.get_label()
+    explorer.method_picker.value = "retrieval"
+    assert "retrieval 0.06 km" in explorer.shown.get_label()  # the per-image answer, not the voted one
+    labels = [t.get_text() for t in explorer.shown.axes[2].get_legend().get_texts()]
+    assert "retrieval: 0.06 km off" in labels
+    without = PredictionExplorer(models, regions, tmp_path)  # no coordinates: no Method control
+    assert without.method_picker not in without.controls
