@@ -371,6 +371,7 @@ def finetune(run: RunDir, params: dict) -> dict:
     ``history.csv``, ``train_summary.json``, ``predictions_finetuned.parquet`` and coordinates.
     Writes ``strategies.json`` (every strategy's summary and WiSE-FT search) last.
     """
+    from lageo_utils.checkpoints import load_checkpoint, save_checkpoint
     from lageo_utils.predict import load_finetuned, predictions_from_embeddings
     from lageo_utils.training import TrainConfig, train
 
@@ -390,6 +391,12 @@ def finetune(run: RunDir, params: dict) -> dict:
                        clip=clip)
         predictor = load_finetuned(result.best_checkpoint, regions, device=params["device"], clip=clip)
         embedded = embed_splits(run, params, predictor)
+        if params["train_regions"]:
+            # Training calibrated on the validation images it saw; the model answers for every region, so the
+            # temperature the run (and `lageo predict`) uses is fitted on the whole validation split.
+            predictor.temperature = fit_validation_temperature(run, predictor, embedded["val"])
+            state = load_checkpoint(result.best_checkpoint)
+            save_checkpoint({**state, "temperature": predictor.temperature}, result.best_checkpoint)
         predictions = predictions_from_embeddings(predictor, test, embedded["test"], params["top_k"])
         predictions.to_parquet(run.strategy_predictions(strategy), index=False)
         log.info("fine-tuned (%s): best epoch %d, validation accuracy %.3f, test accuracy %.3f", strategy,
