@@ -28,8 +28,8 @@ class Param:
 
     ``kind=list``: a list without repeats, of at least ``min_items`` items, whose items are of ``item_kind``
     and meet ``choices`` / the bounds (which then apply to each item). A list may also be given as one
-    text of comma-separated items (``-p geo_methods centroid,retrieval``); where ``min_items`` is 0, an
-    empty text or ``[]`` is the empty list.
+    text of comma-separated items (``-p geo_methods centroid,retrieval``); where ``min_items`` is 0, None,
+    ``none``, an empty text and ``[]`` are the empty list.
     """
 
     name: str
@@ -51,7 +51,7 @@ class Param:
     def allowed(self) -> str:
         """The allowed values in words (the 'type' column of ``lageo params``)."""
         if self.kind is list:
-            empty = " (may be empty)" if self.min_items == 0 else ""
+            empty = " (may be empty: none)" if self.min_items == 0 else ""
             return "list of " + self._scalar().allowed() + empty + (" | none" if self.optional else "")
         if self.choices is not None:
             text = " | ".join(self.choices)
@@ -70,6 +70,8 @@ class Param:
 
     def check(self, value):
         """The value in its declared type; ``ParamError`` naming the parameter and the value otherwise."""
+        if self.kind is list and self.min_items == 0 and (value is None or str(value).strip().lower() in ("none", "null")):
+            return []  # a list that may be empty: none switches it off (-p interventions none)
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and self.optional):
             if self.optional:
                 return None
