@@ -236,6 +236,7 @@ def coordinate_markdown(metrics: dict, params: dict) -> str:
 
 # -- probing: what the model relies on -----------------------------------------------------------
 
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 PROBING_ON = "lageo run --profile demo -p interventions grayscale,blur,sky_mask,ground_mask,center_occlude,hflip"
 
 
@@ -254,7 +255,8 @@ def probing_notes(doc: dict) -> str:
     """How to read the probing numbers, and what was skipped or could not be estimated."""
     level = doc["bootstrap"]["ci_level"]
     lines = [
-        f"Each intervention removes one kind of cue from every {doc['split']} image (thumbnails below); the models "
+        f"Each intervention removes one kind of cue from every {SPLIT_NAMES.get(doc['split'], doc['split'])} image "
+        "(thumbnails below); the models "
         "predict again. A **drop** is original minus intervened accuracy: positive means the cue mattered. "
         f"Intervals: {level:.0%} paired bootstrap over capture points ({doc['bootstrap']['n_boot']} resamples). "
         "The regression is a logistic model of a correct answer on intervention + region (log-odds ratios against "
