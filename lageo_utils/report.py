@@ -264,6 +264,8 @@ def probing_notes(doc: dict) -> str:
         "likelihood-ratio test of each intervention drops its main effect and its region interactions."]
     for name, reason in doc.get("skipped", {}).items():
         lines.append(f"- `{name}` skipped: {reason}")
+    if not doc["models"]:
+        lines.append("- No intervention could be run, so there is nothing to show.")
     text = doc.get("text_found")
     if text and text.get("share") is not None:
         lines.append(f"- Tesseract found text in {text['share']:.0%} of the {text['n_images']} images "

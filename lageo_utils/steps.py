@@ -519,11 +519,13 @@ def probe(run: RunDir, params: dict) -> tuple[dict, dict]:
     from lageo_utils.images import open_rgb
     from lageo_utils.predict import predict_manifest
 
+    if not params["interventions"]:
+        raise ValueError("interventions is empty: nothing to probe (set it, e.g. -p interventions grayscale,sky_mask)")
     interventions, skipped = probing.resolve_interventions(params["interventions"])
     val, root, cache = load_split(run, "val"), image_root(run), embedding_cache_dir()
     settings = {"batch_size": params["embed_batch_size"], "top_k": params["top_k"], "cache_dir": cache}
     results, text_found = {}, None
-    for name, predictor in probing_predictors(run, params).items():
+    for name, predictor in (probing_predictors(run, params) if interventions else {}).items():  # none: all skipped
         original = predict_manifest(predictor, val, root, **settings)
         intervened = {i.name: probing.predict_intervened(predictor, val, root, i, **settings) for i in interventions}
         text_found = next((t.attrs["text_found"] for t in intervened.values() if "text_found" in t.attrs), text_found)
@@ -534,7 +536,7 @@ def probe(run: RunDir, params: dict) -> tuple[dict, dict]:
                                n_boot=params["n_boot"], seed=params["seed"])
     regions = regions_of(params)
     made = {"06_interventions": probing.intervention_thumbnails(open_rgb(root / val["image_path"].iloc[0]),
-                                                                interventions)}
+                                                                interventions)} if interventions else {}
     for name, result in results.items():
         made[f"06_region_drops_{name}"] = probing.region_drop_heatmap(
             result["per_region"], regions, title=f"{MODEL_LABELS.get(name, name)}: accuracy drop per region")

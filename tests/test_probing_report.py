@@ -78,3 +78,9 @@ def test_not_run_message_gives_a_command_that_the_schema_accepts():
     assert "Probing was not run" in message and "--profile demo-compare" in message
     listed = report.PROBING_ON.split("-p interventions ")[1]
     assert check_value("interventions", listed) == listed.split(",")
+
+
+def test_notes_say_so_when_every_intervention_was_skipped():
+    doc = probing.probing_json({}, [], skipped={"text_removal": probing.TESSERACT_INSTALL})
+    notes = report.probing_notes(doc)
+    assert "No intervention could be run" in notes and "`text_removal` skipped" in notes
