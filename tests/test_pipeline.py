@@ -376,8 +376,12 @@ def test_probing_runs_before_the_report_and_writes_probing_json(probing_result, 
         assert (drops["accuracy_drop"] <= drops["accuracy_drop_hi"]).all()
         per_region = pd.DataFrame(result["per_region"])
         assert set(per_region["region"]) == set(val["region_id"]) and per_region["n_images"].sum() == 2 * len(val)
-        assert REGRESSION_KEYS <= result["regression"].keys(), model
-        assert [e["intervention"] for e in result["regression"]["effects"]] == ["grayscale", "sky_mask"]
+        regression = result["regression"]
+        if "not_fitted" in regression:  # the reduced demo's models may answer one region for every image
+            assert (drops["accuracy_drop"] == 0).all() and "nothing to regress" in regression["not_fitted"], model
+        else:
+            assert REGRESSION_KEYS <= regression.keys(), model
+            assert [e["intervention"] for e in regression["effects"]] == ["grayscale", "sky_mask"]
     for name in ("06_interventions", "06_region_drops_zeroshot", "06_region_drops_finetuned"):
         assert np.asarray(Image.open(probing_run / "figures" / f"{name}.png").convert("L")).std() > 5, name
 
@@ -387,7 +391,8 @@ def test_report_shows_what_the_model_relies_on(probing_run):
 
     html = (probing_run / "report.html").read_text()
     section = html[html.index('<h2 id="What-the-model-relies-on">'):html.index('<h2 id="Data-and-leakage-audit">')]
-    assert "Accuracy drop [CI]" in section and "p (LR test)" in section and "sky_mask" in section
+    assert "Accuracy drop [CI]" in section and "sky_mask" in section
+    assert "p (LR test)" in section or "Fine-tuned CLIP: no regression" in section
     assert "Probing was not run" not in section
     assert section.count("<img") == 3  # the thumbnails and one heatmap per model
     executed = nbformat.read(probing_run / "notebooks" / "05_report.ipynb", as_version=4)
