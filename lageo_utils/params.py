@@ -26,9 +26,10 @@ class ParamError(ValueError):
 class Param:
     """One declared parameter. Bounds are inclusive unless ``low_open``; ``optional`` admits None.
 
-    ``kind=list``: a non-empty list without repeats whose items are of ``item_kind`` and meet
-    ``choices`` / the bounds (which then apply to each item). A list may also be given as one
-    text of comma-separated items (``-p geo_methods centroid,retrieval``).
+    ``kind=list``: a list without repeats, of at least ``min_items`` items, whose items are of ``item_kind``
+    and meet ``choices`` / the bounds (which then apply to each item). A list may also be given as one
+    text of comma-separated items (``-p geo_methods centroid,retrieval``); where ``min_items`` is 0, None,
+    ``none``, an empty text and ``[]`` are the empty list.
     """
 
     name: str
@@ -45,11 +46,13 @@ class Param:
     pattern: str | None = None  # a regular expression a text value must match in full
     pattern_text: str | None = None  # that pattern in words
     item_kind: type | None = None  # kind=list: the type of each item
+    min_items: int = 1  # kind=list: the fewest items (0: the empty list switches something off)
 
     def allowed(self) -> str:
         """The allowed values in words (the 'type' column of ``lageo params``)."""
         if self.kind is list:
-            return "list of " + self._scalar().allowed() + (" | none" if self.optional else "")
+            empty = " (may be empty: none)" if self.min_items == 0 else ""
+            return "list of " + self._scalar().allowed() + empty + (" | none" if self.optional else "")
         if self.choices is not None:
             text = " | ".join(self.choices)
         elif self.pattern_text is not None:
@@ -67,6 +70,8 @@ class Param:
 
     def check(self, value):
         """The value in its declared type; ``ParamError`` naming the parameter and the value otherwise."""
+        if self.kind is list and self.min_items == 0 and (value is None or str(value).strip().lower() in ("none", "null")):
+            return []  # a list that may be empty: none switches it off (-p interventions none)
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and self.optional):
             if self.optional:
                 return None
@@ -92,11 +97,12 @@ class Param:
 
     def _check_list(self, value) -> list:
         if isinstance(value, str):  # "a,b" from the command line (items read as YAML, like -p values); "a": one item
-            value = [yaml.safe_load(item) for item in value.split(",")]
+            value = [yaml.safe_load(item) for item in value.split(",")] if value.strip() else []
         if not isinstance(value, list | tuple):
             raise ParamError(f"{self.name} must be a {self.allowed()}, got {value!r}")
-        if not value:
-            raise ParamError(f"{self.name} must list at least one item ({self._scalar().allowed()}), got []")
+        if len(value) < self.min_items:
+            count = "one item" if self.min_items == 1 else f"{self.min_items} items"
+            raise ParamError(f"{self.name} must list at least {count} ({self._scalar().allowed()}), got {list(value)!r}")
         item = self._scalar()
         checked = [item.check(entry) for entry in value]
         repeated = sorted({str(v) for v in checked if checked.count(v) > 1})
@@ -145,6 +151,8 @@ STRATEGIES = ("zeroshot", "text_scale", "linear_probe", "partial", "lora", "full
 GEO_METHODS = ("centroid", "expected", "retrieval", "region_retrieval", "geocell")
 GEO_SEARCH_BACKENDS = ("auto", "exact", "faiss", "faiss-ivf")
 PROMPT_VARIANTS = ("name", "seed", "visual", "ensemble")  # mirrors lageo_utils.prompts.PROMPT_VARIANTS (tested)
+# Mirrors lageo_utils.probing.INTERVENTIONS (which imports statsmodels and PIL); a test keeps them equal.
+INTERVENTIONS = ("grayscale", "blur", "sky_mask", "ground_mask", "center_occlude", "hflip", "text_removal")
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
     # data
@@ -225,6 +233,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "is used)", "coordinates", item_kind=int, low=0, high=15),
     Param("geocell_min_images", int, 10, "geocells with fewer training images merge into their parent",
           "coordinates", low=1),
+    # probing
+    Param("interventions", list, (), "cue-removal probing on the validation split (step 06, in the report); empty: "
+          "not run (see README, What the model relies on)", "probing", choices=INTERVENTIONS, item_kind=str, min_items=0),
 ]}
 
 

@@ -1,5 +1,6 @@
-"""The papermill pipeline: check everything that can be checked, run notebooks 01..05 into a new run
-directory, then render the report."""
+"""The papermill pipeline: check everything that can be checked, run the notebooks into a new run
+directory in the order ``runs.STEPS`` gives (01, 02, 03, 04, then 06 when ``interventions`` is set, then 05),
+then render the report."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from lageo_utils.params import ParamError
 from lageo_utils.prompts import region_prompts
 from lageo_utils.regions import PROJECT_ROOT, RegionsError, load_regions
 from lageo_utils.runs import (
+    OPTIONAL_STEPS,
     STEPS,
     RunDir,
     RunError,
@@ -30,6 +32,7 @@ from lageo_utils.runs import (
     project_path,
     read_params,
     step_done,
+    step_wanted,
     write_params,
 )
 
@@ -147,6 +150,9 @@ def resume_pipeline(run_dir: Path, kernel_name: str | None = None) -> Path:
 def _run_steps(run_dir: RunDir, params: dict, kernel_name: str | None) -> Path:
     log.info("run directory: %s", run_dir)
     for step in STEPS:
+        if not step_wanted(step, params):
+            log.info("%s: skipped (%s is empty)", step, OPTIONAL_STEPS[step])
+            continue
         if step_done(run_dir, step):
             log.info("%s: already done", step)
             continue

@@ -314,3 +314,118 @@ def calibration_table(metrics: dict) -> pd.DataFrame | None:
         return None
     return pd.DataFrame({model: {"Temperature": _fmt(c["temperature"], 3), "ECE before": _fmt(c["ece_uncalibrated"]),
                                  "ECE after": _fmt(c["ece"])} for model, c in calibration.items()}).T
+
+
+# -- probing: what the model relies on -----------------------------------------------------------
+
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+PROBING_ON = "lageo run --profile demo -p interventions grayscale,blur,sky_mask,ground_mask,center_occlude,hflip"
+
+
+def load_probing(run: RunDir) -> dict | None:
+    """``probing.json`` of the run, or None when step 06 did not run (``interventions`` empty)."""
+    return json.loads(run.probing.read_text()) if run.probing.exists() else None
+
+
+def probing_not_run_markdown() -> str:
+    return ("Probing was not run for this run (`interventions` is empty). To see which cues the models rely on, "
+            f"set the interventions to try, e.g. `{PROBING_ON}`, or use `--profile demo-compare`; "
+            "`lageo params` lists them all.")
+
+
+def probing_notes(doc: dict) -> str:
+    """How to read the probing numbers, and what was skipped or could not be estimated."""
+    level = doc["bootstrap"]["ci_level"]
+    lines = [
+        f"Each intervention removes one kind of cue from every {SPLIT_NAMES.get(doc['split'], doc['split'])} image "
+        "(thumbnails below); the models "
+        "predict again. A **drop** is original minus intervened accuracy: positive means the cue mattered. "
+        f"Intervals: {level:.0%} paired bootstrap over capture points ({doc['bootstrap']['n_boot']} resamples). "
+        "The regression is a logistic model of a correct answer on intervention + region (log-odds ratios against "
+        "the original images, cluster-robust by capture point: negative means the cue mattered); the "
+        "likelihood-ratio test of each intervention drops its main effect and its region interactions."]
+    for name, reason in doc.get("skipped", {}).items():
+        lines.append(f"- `{name}` skipped: {reason}")
+    if not doc["models"]:
+        lines.append("- No intervention could be run, so there is nothing to show.")
+    text = doc.get("text_found")
+    if text and text.get("share") is not None:
+        lines.append(f"- Tesseract found text in {text['share']:.0%} of the {text['n_images']} images "
+                     "(`text_removal` blurs only those words).")
+    for model, result in doc["models"].items():
+        label = MODEL_LABELS.get(model, model)
+        regression = result["regression"]
+        if "not_fitted" in regression:
+            lines.append(f"- {label}: no regression ({regression['not_fitted']}).")
+            continue
+        interaction = regression.get("interaction") or {}
+        if interaction.get("p_value") is not None:
+            lines.append(f"- {label}: do the effects differ between regions? LR test of intervention x region "
+                         f"against intervention + region: chi2 {interaction['lr_statistic']:.1f} on "
+                         f"{interaction['df']} df, p = {interaction['p_value']:.3g}.")
+        if regression.get("dropped_regions"):
+            lines.append(f"- {label}: regions answered all right or all wrong under every condition, left out of "
+                         f"the regression: {', '.join(regression['dropped_regions'])}.")
+        if regression.get("separated_cells"):
+            lines.append(f"- {label}: {len(regression['separated_cells'])} intervention x region cells answered all "
+                         "right or all wrong (no finite interaction estimate; the LR tests stay valid).")
+    return "\n".join(lines[:1] + ([""] + lines[1:] if len(lines) > 1 else []))
+
+
+def _drop(value, lo, hi) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "")
+
+
+def probing_drops_table(doc: dict) -> pd.DataFrame:
+    """Per model and intervention: accuracy and ACC@1 km, original and intervened, and the drops with intervals."""
+    rows = {}
+    for model, result in doc["models"].items():
+        for d in result["drops"]:
+            rows[(MODEL_LABELS.get(model, model), d["intervention"])] = {
+                "Accuracy (original)": _fmt(d["accuracy_original"]),
+                "Accuracy": _fmt(d["accuracy"]),
+                "Accuracy drop [CI]": _drop(d["accuracy_drop"], d["accuracy_drop_lo"], d["accuracy_drop_hi"]),
+                "ACC@1 km (original)": _fmt(d["acc_1km_original"]),
+                "ACC@1 km": _fmt(d["acc_1km"]),
+                "ACC@1 km drop [CI]": _drop(d["acc_1km_drop"], d["acc_1km_drop_lo"], d["acc_1km_drop_hi"]),
+                "Images": d["n_images"],
+            }
+    table = pd.DataFrame(rows).T
+    table.index.names = ["model", "intervention"]
+    return table
+
+
+def probing_effects_table(doc: dict) -> pd.DataFrame:
+    """Per model and intervention: the regression's log-odds ratio with its interval, the odds ratio, the
+    cluster-robust Wald p-value and the likelihood-ratio test."""
+    rows = {}
+    for model, result in doc["models"].items():
+        regression = result["regression"]
+        if "not_fitted" in regression:
+            continue
+        tests = {t["intervention"]: t for t in regression["lr_tests"]}
+        for e in regression["effects"]:
+            lr = tests.get(e["intervention"], {})
+            rows[(MODEL_LABELS.get(model, model), e["intervention"])] = {
+                f"Log-odds ratio [{regression['ci_level']:.0%} CI]": _drop(e["log_odds_ratio"], e["ci_lo"], e["ci_hi"]),
+                "Odds ratio": _fmt(e["odds_ratio"]),
+                "p (Wald, clustered)": _p(e["p_value"]),
+                "LR statistic (df)": f"{_fmt(lr.get('lr_statistic'), 1)} ({lr.get('df', 'n/a')})",
+                "p (LR test)": _p(lr.get("p_value")),
+            }
+    table = pd.DataFrame(rows).T
+    if len(table):
+        table.index.names = ["model", "intervention"]
+    return table
+
+
+def _p(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def probing_figures(run: RunDir, doc: dict) -> dict[str, Image]:
+    """Step 06's saved figures, embedded: ``06_interventions`` and ``06_region_drops_<model>`` per model probed."""
+    names = ["06_interventions", *(f"06_region_drops_{model}" for model in doc["models"])]
+    return {name: figure(run, name) for name in names if run.figure(name).exists()}

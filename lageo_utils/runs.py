@@ -32,7 +32,7 @@ PACKAGES = ["torch", "open_clip_torch", "numpy", "pandas", "scikit-learn", "geop
 # The file names of a run directory: spelled here only (steps, report, pipeline and notebooks use RunDir).
 PARAMS, MANIFEST, AUDIT, DATA = "params.yaml", "manifest.csv", "audit.json", "data.json"
 HISTORY, TRAIN_SUMMARY, METRICS = "history.csv", "train_summary.json", "metrics.json"
-REPORT, FAILED = "report.html", "FAILED.json"
+REPORT, FAILED, PROBING = "report.html", "FAILED.json", "probing.json"
 STRATEGIES_FILE = "strategies.json"  # step 03: each strategy's training summary and WiSE-FT search
 CHECKPOINTS, FIGURES, NOTEBOOKS, LOCATORS = "checkpoints", "figures", "notebooks", "locator"
 SPLITS = ("train", "val", "test")
@@ -94,9 +94,19 @@ STEP_FILES: dict[str, StepFiles] = {
     "04_evaluate": StepFiles((PARAMS, DATA, AUDIT, *map(split_file, SPLITS), *map(predictions_file, MODELS),
                               *map(locator_dir, MODELS), *map(coordinates_file, MODELS)),
                              (*map(classification_report_file, MODELS), METRICS)),
+    # Step 06 runs before 05 (the report shows its results) and only when `interventions` is set: see STEPS.
+    "06_probing": StepFiles((PARAMS, DATA, split_file("val"), STRATEGIES_FILE), (PROBING,)),
     "05_report": StepFiles((PARAMS, METRICS), (REPORT,)),
 }
+# The order `lageo run` executes (and forks count "earlier" by): the keys of STEP_FILES, so 06_probing comes before
+# 05_report, whose report includes probing.json when it exists. Steps are named by what they do, not by when they run.
 STEPS = list(STEP_FILES)
+OPTIONAL_STEPS = {"06_probing": "interventions"}  # step -> the parameter that, when empty, skips it
+
+
+def step_wanted(step: str, params: dict) -> bool:
+    """Whether ``lageo run`` runs ``step`` with these parameters (an optional step needs its parameter set)."""
+    return step not in OPTIONAL_STEPS or bool(params.get(OPTIONAL_STEPS[step]))
 
 
 class RunDir(type(Path())):  # type(Path()): the concrete Path class of this platform, which can be subclassed
@@ -176,6 +186,10 @@ class RunDir(type(Path())):  # type(Path()): the concrete Path class of this pla
     @property
     def failed(self) -> Path:
         return self / FAILED
+
+    @property
+    def probing(self) -> Path:
+        return self / PROBING
 
 
 class RunError(RuntimeError):

@@ -659,3 +659,74 @@ def explorer(run: RunDir, params: dict):
 
     return PredictionExplorer(load_predictions(run), regions_of(params), image_root(run), labels=MODEL_LABELS,
                               coordinates=load_coordinates(run)).widget
+
+
+# --- 06: probing ------------------------------------------------------------------------------
+
+def probing_predictors(run: RunDir, params: dict) -> dict:
+    """The models probed, by name: zero-shot CLIP (when the model has a text tower) and each strategy's checkpoint."""
+    from lageo_utils.model import has_text_tower
+    from lageo_utils.predict import GeoPredictor, load_finetuned
+
+    regions = regions_of(params)
+    clip = load_model(params)
+    model, preprocess, tokenizer = clip
+    predictors = {}
+    if has_text_tower(model):
+        predictors["zeroshot"] = GeoPredictor(model, preprocess, tokenizer, regions, device=params["device"],
+                                              model_name=params["model"], temperature=zero_shot_temperature(run))
+    for strategy in run_strategies(params):  # each fine-tuned strategy (the first is the run's "finetuned")
+        predictors[strategy] = load_finetuned(run.strategy_checkpoints(strategy) / "best.pt", regions,
+                                              device=params["device"], clip=clip)
+    return predictors
+
+
+def probe(run: RunDir, params: dict) -> tuple[dict, dict]:
+    """Cue-removal probing on the validation split (``lageo_utils.probing``): each model's predictions on the
+    original images and under each of ``interventions``, their drops, per-region drops and the regression.
+
+    Figures: ``06_interventions`` (what each intervention does to the first validation image) and
+    ``06_region_drops_<model>``. ``probing.json`` is written last, so its presence means the step finished.
+    Returns the ``probing.json`` document and the figures by name.
+    """
+    from lageo_utils import probing
+    from lageo_utils.images import open_rgb
+    from lageo_utils.predict import predict_manifest
+
+    if not params["interventions"]:
+        raise ValueError("interventions is empty: nothing to probe (set it, e.g. -p interventions grayscale,sky_mask)")
+    interventions, skipped = probing.resolve_interventions(params["interventions"])
+    val, root, cache = load_split(run, "val"), image_root(run), embedding_cache_dir()
+    settings = {"batch_size": params["embed_batch_size"], "top_k": params["top_k"], "cache_dir": cache}
+    results, text_found = {}, None
+    for name, predictor in (probing_predictors(run, params) if interventions else {}).items():  # none: all skipped
+        original = predict_manifest(predictor, val, root, **settings)
+        intervened = {i.name: probing.predict_intervened(predictor, val, root, i, **settings) for i in interventions}
+        text_found = next((t.attrs["text_found"] for t in intervened.values() if "text_found" in t.attrs), text_found)
+        results[name] = _probe_model(original, intervened, params)
+        log.info("probing %s: %s", name, ", ".join(f"{row.intervention} {row.accuracy_drop:+.3f}"
+                                                   for row in results[name]["drops"].itertuples()))
+    doc = probing.probing_json(results, interventions, skipped=skipped, text_found=text_found, split="val",
+                               n_boot=params["n_boot"], seed=params["seed"])
+    regions = regions_of(params)
+    made = {"06_interventions": probing.intervention_thumbnails(open_rgb(root / val["image_path"].iloc[0]),
+                                                                interventions)} if interventions else {}
+    for name, result in results.items():
+        made[f"06_region_drops_{name}"] = probing.region_drop_heatmap(
+            result["per_region"], regions, title=f"{MODEL_LABELS.get(name, name)}: accuracy drop per region")
+    figures = {name: show(fig, run, name) for name, fig in made.items()}
+    write_json(run.probing, doc)
+    return doc, figures
+
+
+def _probe_model(original: pd.DataFrame, intervened: dict, params: dict) -> dict:
+    """``probe_model``; when every answer is the same under every condition there is no regression to fit, and
+    its place says why (the drops still stand)."""
+    from lageo_utils import probing
+
+    try:
+        return probing.probe_model(original, intervened, n_boot=params["n_boot"], seed=params["seed"])
+    except ValueError as exc:
+        log.warning("probing: no regression (%s)", exc)
+        return {"drops": probing.intervention_drops(original, intervened, n_boot=params["n_boot"], seed=params["seed"]),
+                "per_region": probing.region_drops(original, intervened), "regression": {"not_fitted": str(exc)}}

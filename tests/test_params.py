@@ -53,6 +53,11 @@ def outputs(tmp_path, monkeypatch):
         ("geocell_resolutions", [7, 16], r"geocell_resolutions item must be an integer >= 0 and <= 15, got 16"),
         ("geocell_resolutions", "7,x", r"geocell_resolutions item must be an integer >= 0 and <= 15, got 'x'"),
         ("geo_search", "annoy", r"unknown geo_search 'annoy'; choose one of: auto, exact, faiss, faiss-ivf"),
+        ("interventions", "grayscale,skymask",
+         r"unknown interventions item 'skymask' \(did you mean 'sky_mask'\?\); choose one of: grayscale, blur"),
+        ("interventions", ["blur", "blur"], r"interventions lists 'blur' more than once"),
+        ("interventions", "sky", r"unknown interventions item 'sky'"),
+        ("interventions", {"blur": 1}, r"interventions must be a list of grayscale \| blur .* \(may be empty: none\), got \{.blur.: 1\}"),
     ],
 )
 def test_refusals_name_the_parameter_and_the_value(name, value, message):
@@ -92,6 +97,23 @@ def test_declared_strategy_and_prompt_choices_are_the_code_s():
     from lageo_utils.params import PROMPT_VARIANTS, STRATEGIES
 
     assert PROMPT_VARIANTS == tuple(prompts.PROMPT_VARIANTS) and STRATEGIES == training.STRATEGIES
+
+
+def test_declared_interventions_are_the_probing_module_s_and_may_be_empty():
+    from lageo_utils import probing
+    from lageo_utils.params import INTERVENTIONS
+
+    assert INTERVENTIONS == tuple(probing.INTERVENTIONS)
+    assert defaults()["interventions"] == [] and check_value("interventions", []) == []
+    assert check_value("interventions", "") == [] and check_value("interventions", "hflip, blur") == ["hflip", "blur"]
+    assert resolve_params("demo")["interventions"] == []
+    assert resolve_params("demo-compare")["interventions"] == list(INTERVENTIONS) == resolve_params("la")["interventions"]
+    from lageo_utils.cli.run import parse_overrides
+
+    for off in ("[]", "", "none"):  # -p interventions [] (or "" or none)
+        assert resolve_params("demo-compare", overrides=parse_overrides([["interventions", off]]))["interventions"] == []
+    with pytest.raises(ParamError, match="geo_methods must list at least one item"):  # other lists stay non-empty
+        check_value("geo_methods", "")
 
 
 def test_every_default_and_profile_value_passes_the_schema():

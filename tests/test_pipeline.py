@@ -57,6 +57,17 @@ def demo_run(demo_result):
     return Path(re.search(r"run complete: (\S+)", demo_result.stdout).group(1))
 
 
+@pytest.fixture(scope="module")
+def probing_result(demo_run, env):
+    """The same run with probing on (step 06): also the second run of test_same_seed_same_numbers."""
+    return lageo("run", "--profile", "demo", *REDUCED, "-p", "interventions", "grayscale,sky_mask", env=env)
+
+
+@pytest.fixture(scope="module")
+def probing_run(probing_result):
+    return Path(re.search(r"run complete: (\S+)", probing_result.stdout).group(1))
+
+
 def test_terminal_output_is_one_line_per_step(demo_result):
     lines = demo_result.stderr.strip().splitlines()
     assert all(line.startswith("INFO lageo_utils.pipeline: ") for line in lines), lines
@@ -239,9 +250,8 @@ def test_report_has_every_section_and_embedded_figures(demo_run):
     assert "src=\"figures/" not in html  # nothing refers to files outside the single HTML file
 
 
-def test_same_seed_same_numbers(demo_run, env):
-    again = lageo("run", "--profile", "demo", *REDUCED, env=env)
-    run2 = Path(re.search(r"run complete: (\S+)", again.stdout).group(1))
+def test_same_seed_same_numbers(demo_run, probing_run):
+    run2 = probing_run  # the same parameters and probing, which changes none of the other results
     assert run2 != demo_run
     m1 = json.loads((demo_run / "metrics.json").read_text())
     m2 = json.loads((run2 / "metrics.json").read_text())
@@ -370,3 +380,63 @@ def test_report_says_retrieval_is_leaky_beside_image_split_numbers(demo_run):
     assert {"Ceiling", "Baseline", "Fine-tuned CLIP", "Fine-tuned CLIP, voted per capture point"} <= set(
         table.index.get_level_values(0))
     assert list(table.columns[:4]) == ["ACC@25 m", "ACC@100 m", "ACC@500 m", "ACC@1 km"]
+
+
+PROBING_KEYS = {"split", "interventions", "skipped", "text_found", "models", "bootstrap"}
+REGRESSION_KEYS = {"effects", "lr_tests", "interaction", "n_rows", "n_clusters", "clustered_by", "ci_level",
+                   "dropped_regions", "separated_cells", "warnings"}
+
+
+def test_probing_runs_before_the_report_and_writes_probing_json(probing_result, probing_run):
+    lines = probing_result.stderr.splitlines()
+    assert lines.index("INFO lageo_utils.pipeline: running 06_probing") < lines.index(
+        "INFO lageo_utils.pipeline: running 05_report")
+    doc = json.loads((probing_run / "probing.json").read_text())
+    assert doc.keys() == PROBING_KEYS and doc["split"] == "val" and doc["skipped"] == {}
+    assert list(doc["interventions"]) == ["grayscale", "sky_mask"] and doc["text_found"] is None
+    assert doc["interventions"]["sky_mask"]["settings"]["fraction"] == pytest.approx(1 / 3)
+    assert doc["bootstrap"] == {"n_boot": 50, "seed": 42, "ci_level": 0.95}
+    assert list(doc["models"]) == ["zeroshot", "linear_probe", "text_scale", "partial"]  # every strategy
+    val = pd.read_csv(probing_run / "val.csv")
+    for model, result in doc["models"].items():
+        drops = pd.DataFrame(result["drops"])
+        assert list(drops["intervention"]) == ["grayscale", "sky_mask"] and set(drops["n_images"]) == {len(val)}
+        assert drops["accuracy_original"].nunique() == 1  # the same original images for every intervention
+        assert np.allclose(drops["accuracy_drop"], drops["accuracy_original"] - drops["accuracy"])
+        assert (drops["accuracy_drop_lo"] <= drops["accuracy_drop"]).all()
+        assert (drops["accuracy_drop"] <= drops["accuracy_drop_hi"]).all()
+        per_region = pd.DataFrame(result["per_region"])
+        assert set(per_region["region"]) == set(val["region_id"]) and per_region["n_images"].sum() == 2 * len(val)
+        regression = result["regression"]
+        if "not_fitted" in regression:  # the reduced demo's models may answer one region for every image
+            assert (drops["accuracy_drop"] == 0).all() and "nothing to regress" in regression["not_fitted"], model
+        else:
+            assert REGRESSION_KEYS <= regression.keys(), model
+            assert [e["intervention"] for e in regression["effects"]] == ["grayscale", "sky_mask"]
+    for name in ("06_interventions", "06_region_drops_zeroshot", "06_region_drops_partial"):
+        assert np.asarray(Image.open(probing_run / "figures" / f"{name}.png").convert("L")).std() > 5, name
+
+
+def test_report_shows_what_the_model_relies_on(probing_run):
+    import nbformat
+
+    html = (probing_run / "report.html").read_text()
+    section = html[html.index('<h2 id="What-the-model-relies-on">'):html.index('<h2 id="Data-and-leakage-audit">')]
+    assert "Accuracy drop [CI]" in section and "sky_mask" in section
+    assert "p (LR test)" in section or "Fine-tuned CLIP: no regression" in section
+    assert "Probing was not run" not in section
+    assert section.count("<img") == 3  # the thumbnails and one heatmap per model
+    executed = nbformat.read(probing_run / "notebooks" / "05_report.ipynb", as_version=4)
+    [cell] = [c for c in executed.cells if "report.probing_figures" in c.source]
+    pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 3 and all(o.metadata["image/png"]["alt"] for o in pngs)
+    assert (probing_run / "notebooks" / "06_probing.ipynb").is_file()
+
+
+def test_without_interventions_probing_is_skipped_and_the_report_says_so(demo_result, demo_run):
+    assert "INFO lageo_utils.pipeline: 06_probing: skipped (interventions is empty)" in demo_result.stderr
+    assert not (demo_run / "probing.json").exists() and not list((demo_run / "figures").glob("06_*"))
+    assert not (demo_run / "notebooks" / "06_probing.ipynb").exists()
+    html = (demo_run / "report.html").read_text()
+    assert '<h2 id="What-the-model-relies-on">' in html
+    assert "Probing was not run" in html and "-p interventions grayscale" in html

@@ -107,3 +107,23 @@ def test_fork_copies_checkpoints_only_after_training(outputs):
     (run / "metrics.json").write_text(json.dumps({}))
     assert not (fork_run(run, "03_finetune") / "checkpoints").exists()
     assert (fork_run(run, "05_report") / "checkpoints" / "best.pt").exists()
+
+
+def test_probing_runs_before_the_report_only_when_interventions_are_set(outputs):
+    from lageo_utils.runs import STEPS, step_wanted
+
+    assert STEPS == ["01_explore_data", "02_zero_shot", "03_finetune", "04_evaluate", "06_probing", "05_report"]
+    assert not step_wanted("06_probing", {"interventions": []})
+    assert step_wanted("06_probing", {"interventions": ["hflip"]}) and step_wanted("05_report", {"interventions": []})
+    run = new_run_dir()
+    write_params(run, {})
+    (run / "metrics.json").write_text("{}")
+    (run / "probing.json").write_text("{}")
+    (run / "figures").mkdir()
+    (run / "figures" / "06_interventions.png").write_bytes(b"png")
+    with pytest.raises(RunError, match=r"lacks the inputs of 06_probing: .*strategies.json \(made by 03_finetune\)"):
+        start_step("06_probing", run)
+    report_fork = fork_run(run, "05_report")  # `lageo report` keeps the probing results the report shows
+    assert (report_fork / "probing.json").exists() and (report_fork / "figures" / "06_interventions.png").exists()
+    probing_fork = fork_run(run, "06_probing")  # probing again: a new run without the old results
+    assert not (probing_fork / "probing.json").exists() and not (probing_fork / "figures").exists()
