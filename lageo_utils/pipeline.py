@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,9 +41,6 @@ log = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_ENV = "LAGEO_CELL_TIMEOUT"
-# Local kernels talk over Unix sockets: no TCP ports, and no "running over TCP without encryption" warning
-# from every kernel on the terminal.
-KERNEL_CONFIG = Config({"KernelManager": {"transport": "ipc"}})
 
 
 class StepFailed(RunError):
@@ -98,9 +96,13 @@ def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = N
     target = RunDir(run_dir).notebook(step)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(str(source), str(target), parameters=given, cwd=str(NOTEBOOKS_DIR),
-                                   kernel_name=kernel_name or PAPERMILL_KERNEL, progress_bar=False,
-                                   config=KERNEL_CONFIG, execution_timeout=cell_timeout())
+        with tempfile.TemporaryDirectory(prefix="lageo-kernel-") as sockets:
+            # Local kernels talk over Unix sockets: no TCP ports, no "running over TCP without encryption" warning
+            # from every kernel on the terminal, and a folder of their own, so runs side by side never share one.
+            config = Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "kernel")}})
+            papermill.execute_notebook(str(source), str(target), parameters=given, cwd=str(NOTEBOOKS_DIR),
+                                       kernel_name=kernel_name or PAPERMILL_KERNEL, progress_bar=False,
+                                       config=config, execution_timeout=cell_timeout())
     except PapermillExecutionError as exc:
         raise StepFailed(
             f"notebook {source.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
