@@ -110,7 +110,7 @@ def test_notebooks_name_the_kernel_make_lab_installs():
     from lageo_utils.notebook import KERNEL_NAME
 
     notebooks = sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
-    assert len(notebooks) == 5
+    assert len(notebooks) == 6  # 01..06
     for path in notebooks:
         assert json.loads(path.read_text())["metadata"]["kernelspec"]["name"] == KERNEL_NAME, path.name
     assert f"ipykernel install --sys-prefix --name {KERNEL_NAME} " in (PROJECT_ROOT / "Makefile").read_text()

@@ -425,7 +425,7 @@ def test_report_shows_what_the_model_relies_on(probing_run):
     assert "Accuracy drop [CI]" in section and "sky_mask" in section
     assert "p (LR test)" in section or "Fine-tuned CLIP: no regression" in section
     assert "Probing was not run" not in section
-    assert section.count("<img") == 3  # the thumbnails and one heatmap per model
+    assert section.count("<img") == 1 + 4  # the thumbnails and one heatmap per model: zero-shot and 3 strategies
     executed = nbformat.read(probing_run / "notebooks" / "05_report.ipynb", as_version=4)
     [cell] = [c for c in executed.cells if "report.probing_figures" in c.source]
     pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
