@@ -429,7 +429,7 @@ def test_report_shows_what_the_model_relies_on(probing_run):
     executed = nbformat.read(probing_run / "notebooks" / "05_report.ipynb", as_version=4)
     [cell] = [c for c in executed.cells if "report.probing_figures" in c.source]
     pngs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
-    assert len(pngs) == 3 and all(o.metadata["image/png"]["alt"] for o in pngs)
+    assert len(pngs) == 1 + 4 and all(o.metadata["image/png"]["alt"] for o in pngs)
     assert (probing_run / "notebooks" / "06_probing.ipynb").is_file()
 
 
