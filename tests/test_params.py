@@ -90,6 +90,12 @@ def test_declared_coordinate_choices_are_the_code_s():
 
     assert GEO_METHODS == geolocate.METHODS == predict.METHODS and GEO_SEARCH_BACKENDS == geolocate.SEARCH_BACKENDS
     assert predict.RUN_MODELS == MODELS
+    from lageo_utils.params import PARAMS, PEER_METHODS
+    from lageo_utils.peers import geoclip
+    from lageo_utils.steps import GEOCLIP_METHOD_OF
+
+    assert PEER_METHODS == (geoclip.METHOD, geoclip.FINETUNED_METHOD) == tuple(GEOCLIP_METHOD_OF.values())
+    assert PARAMS["geo_methods"].choices == GEO_METHODS + PEER_METHODS
 
 
 def test_declared_strategy_and_prompt_choices_are_the_code_s():
