@@ -20,7 +20,7 @@ from lageo_utils.params import GEO_METHODS, PEER_METHODS, check_value, defaults
 
 REDUCED = {"demo_points_per_region": 3, "demo_image_size": 64, "epochs": 1, "n_boot": 20, "prompt_variants": ["name"],
            "num_workers": 0, "geo_methods": ["centroid", "geoclip", "geoclip_finetuned"], "geoclip_spacing_m": 2000.0,
-           "geoclip_epochs": 1, "geoclip_lr": 1e-3, "geoclip_batch_size": 16, "geoclip_queue_size": 32}
+           "geoclip_epochs": 1, "geoclip_lr": 1e-3, "geoclip_batch_size": 64, "geoclip_queue_size": 32}
 COORDINATE_KEYS = {"n_images", "acc_at_km", "acc_at_km_ci95", "median_error_km", "median_error_km_ci95",
                    "per_capture_point"}
 

@@ -77,7 +77,8 @@ def test_list_parameters_from_yaml_lists_or_comma_separated_text():
     assert check_value("geocell_resolutions", "7,8") == [7, 8]  # items read as YAML, like -p values
     assert defaults()["geocell_resolutions"] == [7, 8] and defaults()["geocell_resolutions"] is not PARAMS[
         "geocell_resolutions"].default
-    assert PARAMS["geo_methods"].allowed() == "list of centroid | expected | retrieval | region_retrieval | geocell"
+    assert PARAMS["geo_methods"].allowed() == ("list of centroid | expected | retrieval | region_retrieval | geocell | "
+                                               "geoclip | geoclip_finetuned")
     params = resolve_params("demo", overrides={"geo_methods": "centroid,retrieval"})
     assert params["geo_methods"] == ["centroid", "retrieval"]
 
