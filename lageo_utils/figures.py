@@ -388,7 +388,7 @@ def _readable_images(rows: pd.DataFrame, image_root: str | os.PathLike, limit: i
 
 
 METHOD_COLORS = {"centroid": "#8c8c8c", "expected": "#937860", "retrieval": "#4c72b0",
-                 "region_retrieval": "#55a868", "geocell": "#dd8452"}
+                 "region_retrieval": "#55a868", "geocell": "#dd8452", "geoclip": "#8172b3", "geoclip_finetuned": "#da8bc3"}
 MODEL_LINESTYLES = ("--", "-")  # the first model dashed (zero-shot), the second solid (fine-tuned)
 
 

@@ -150,6 +150,9 @@ STRATEGIES = ("zeroshot", "text_scale", "linear_probe", "partial", "lora", "full
 # Mirrors lageo_utils.geolocate (METHODS, SEARCH_BACKENDS) without importing torch and h3 here; a test keeps them equal.
 GEO_METHODS = ("centroid", "expected", "retrieval", "region_retrieval", "geocell")
 GEO_SEARCH_BACKENDS = ("auto", "exact", "faiss", "faiss-ivf")
+# Peer methods answered beside GEO_METHODS (not by default): mirrors lageo_utils.peers.geoclip (METHOD,
+# FINETUNED_METHOD), which imports torch; a test keeps them equal.
+PEER_METHODS = ("geoclip", "geoclip_finetuned")
 PROMPT_VARIANTS = ("name", "seed", "visual", "ensemble")  # mirrors lageo_utils.prompts.PROMPT_VARIANTS (tested)
 # Mirrors lageo_utils.probing.INTERVENTIONS (which imports statsmodels and PIL); a test keeps them equal.
 INTERVENTIONS = ("grayscale", "blur", "sky_mask", "ground_mask", "center_occlude", "hflip", "text_removal")
@@ -226,13 +229,29 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           low=10),
     # coordinates
     Param("geo_methods", list, GEO_METHODS, "coordinate answers compared in steps 02-04 (see docs/geolocation.md); "
-          "centroid is always answered: it is the reference", "coordinates", choices=GEO_METHODS, item_kind=str),
+          "centroid is always answered: it is the reference; geoclip, geoclip_finetuned: the GeoCLIP peer (not by "
+          "default; docs/peers.md)", "coordinates", choices=GEO_METHODS + PEER_METHODS, item_kind=str),
     Param("geo_search", str, "auto", "nearest-neighbour search over the training gallery; auto: exact below 50,000 "
           "images, FAISS above", "coordinates", choices=GEO_SEARCH_BACKENDS),
     Param("geocell_resolutions", list, (7, 8), "H3 resolutions tried for geocells (the one chosen on validation "
           "is used)", "coordinates", item_kind=int, low=0, high=15),
     Param("geocell_min_images", int, 10, "geocells with fewer training images merge into their parent",
           "coordinates", low=1),
+    # GeoCLIP, a peer method (geo_methods geoclip, geoclip_finetuned; docs/peers.md)
+    Param("geoclip_backbone", str, None, "GeoCLIP's image backbone: a Hugging Face model id or a local transformers "
+          "folder; none: $LAGEO_GEOCLIP_BACKBONE, else openai/clip-vit-large-patch14", "geoclip", optional=True),
+    Param("geoclip_spacing_m", float, 100.0, "metres between the LA GPS gallery's grid points (the region boxes "
+          "covered; the training coordinates are added)", "geoclip", low=1),
+    Param("geoclip_top_k", int, 5, "GPS gallery coordinates (and probabilities) kept per image, best first",
+          "geoclip", low=1),
+    Param("geoclip_epochs", int, 10, "geoclip_finetuned: training epochs of the image head and location encoder",
+          "geoclip", low=1),
+    Param("geoclip_lr", float, 3e-5, "geoclip_finetuned: Adam learning rate (decayed by 0.87 per epoch)", "geoclip",
+          low=0, low_open=True),
+    Param("geoclip_batch_size", int, 256, "geoclip_finetuned: images per batch (each batch's coordinates are "
+          "negatives for the others)", "geoclip", low=1),
+    Param("geoclip_queue_size", int, 4096, "geoclip_finetuned: coordinates of earlier batches kept as extra "
+          "negatives (GeoCLIP's GPS queue; 0: none)", "geoclip", low=0),
     # probing
     Param("interventions", list, (), "cue-removal probing on the validation split (step 06, in the report); empty: "
           "not run (see README, What the model relies on)", "probing", choices=INTERVENTIONS, item_kind=str, min_items=0),

@@ -54,7 +54,8 @@ def notebook_parameters(notebook: Path) -> set[str]:
 
 def preflight(params: dict) -> None:
     """Check, before any run directory or notebook, what would otherwise fail late: the region file and the
-    prompts it gives, ``top_k``, the model's weights and (for a manifest data source) the manifest itself.
+    prompts it gives, ``top_k``, the model's weights, GeoCLIP's extra and backbone (when ``geo_methods`` asks for
+    it) and (for a manifest data source) the manifest itself.
 
     ``RunError`` carries the one message naming the file, field or parameter at fault.
     """
@@ -74,10 +75,28 @@ def preflight(params: dict) -> None:
                              "Train it with `lageo train` (linear_probe, partial, lora, full); running image-only "
                              "backbones through the notebooks is not supported yet")
         check_weights(params["model"], params["pretrained"])
+        check_peers(params)
         if params["data_source"] == "manifest":
             read_data_manifest(params)
     except (ParamError, RegionsError, ManifestError, WeightsUnavailableError, ValueError) as exc:
         raise RunError(str(exc)) from None
+
+
+def check_peers(params: dict) -> None:
+    """When ``geo_methods`` asks for GeoCLIP: the ``peers`` extra is installed (else ``RunError`` saying how to
+    install it) and its image backbone's weights are at hand (else ``WeightsUnavailableError`` with the two fixes)."""
+    from lageo_utils.params import PEER_METHODS
+    from lageo_utils.steps import geoclip_backbone
+
+    if not set(params["geo_methods"]) & set(PEER_METHODS):
+        return
+    from lageo_utils.peers.geoclip import PeersUnavailableError, check_geoclip_weights, require_geoclip
+
+    try:
+        require_geoclip()
+    except PeersUnavailableError as exc:
+        raise RunError(str(exc)) from None
+    check_geoclip_weights(geoclip_backbone(params))
 
 
 def cell_timeout() -> int | None:

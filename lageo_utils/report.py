@@ -201,6 +201,7 @@ def coordinate_markdown(metrics: dict, params: dict) -> str:
         "temperature, geocell resolution and smoothing) was chosen on the validation split; the test split "
         "was answered once. Intervals: 95% bootstrap over capture points.",
     ]
+    lines += _peer_lines(metrics.get("peers", {}))
     if params.get("split_strategy") == "image":
         lines.append(
             f"> **Retrieval is leaky under the image-level split.** The other headings of a test panorama are in "
@@ -232,6 +233,23 @@ def coordinate_markdown(metrics: dict, params: dict) -> str:
                      "difference [95% CI] | median error difference (km) | at 1 km |\n|---|---|---|---|---|\n"
                      + "\n".join(paired))
     return "\n\n".join(lines)
+
+
+def _peer_lines(peers: dict) -> list[str]:
+    """What the GeoCLIP rows are (metrics key ``peers``, written by ``steps.geoclip_summaries``)."""
+    lines = []
+    for method, peer in peers.items():
+        gallery = peer["gallery"]
+        what = ("its shipped image head and location encoder" if peer.get("training") is None else
+                f"its image head and location encoder fine-tuned on the training split (best epoch "
+                f"{peer['training']['best_epoch']} of {peer['training']['config']['epochs']} on validation loss)")
+        lines.append(
+            f"`{method}` (listed with {MODEL_LABELS.get(peer['coordinates_of'], peer['coordinates_of'])}, paired with "
+            f"its centroid answer): GeoCLIP (NeurIPS'23), a peer, not lageo: its backbone `{peer['backbone']}` and "
+            f"{what}, answering with the most probable of {gallery['points']:,} LA GPS gallery points (a grid every "
+            f"{gallery['spacing_m']:g} m over the region boxes plus the training coordinates); confidence: that "
+            "point's probability (docs/peers.md).")
+    return lines
 
 
 # --- strategies side by side (metrics keys: strategies, regions_breakdown, calibration, prompts) ---------------

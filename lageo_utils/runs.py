@@ -35,6 +35,7 @@ HISTORY, TRAIN_SUMMARY, METRICS = "history.csv", "train_summary.json", "metrics.
 REPORT, FAILED, PROBING = "report.html", "FAILED.json", "probing.json"
 STRATEGIES_FILE = "strategies.json"  # step 03: each strategy's training summary and WiSE-FT search
 CHECKPOINTS, FIGURES, NOTEBOOKS, LOCATORS = "checkpoints", "figures", "notebooks", "locator"
+PEERS = "peers"  # steps 02/03: a peer method's GPS gallery, validation answers and summary (peers/<method>/)
 SPLITS = ("train", "val", "test")
 MODEL_LABELS = {"zeroshot": "Zero-shot CLIP", "finetuned": "Fine-tuned CLIP"}  # the prediction tables step 04 compares
 MODELS = tuple(MODEL_LABELS)
@@ -57,6 +58,12 @@ def coordinates_file(model: str) -> str:
 def locator_dir(model: str) -> str:
     """A model's fitted locator (gallery, tuned settings, geocell head): a folder."""
     return f"{LOCATORS}/{model}"
+
+
+def peer_dir(method: str) -> str:
+    """A peer method's folder (``geoclip``: step 02, ``geoclip_finetuned``: step 03): gallery, validation answers,
+    summary."""
+    return f"{PEERS}/{method}"
 
 
 def classification_report_file(model: str) -> str:
@@ -86,11 +93,12 @@ STEP_FILES: dict[str, StepFiles] = {
     "01_explore_data": StepFiles((), (MANIFEST, *map(split_file, SPLITS), AUDIT, DATA), (split_file("excluded"),)),
     "02_zero_shot": StepFiles((PARAMS, DATA, *map(split_file, SPLITS)),
                               (predictions_file("zeroshot"), locator_dir("zeroshot"), coordinates_file("zeroshot")),
-                              tuple(map(prompt_predictions_file, PROMPT_VARIANTS))),
+                              (*map(prompt_predictions_file, PROMPT_VARIANTS), peer_dir("geoclip"))),
     "03_finetune": StepFiles((PARAMS, DATA, *map(split_file, SPLITS)),
                              (HISTORY, TRAIN_SUMMARY, STRATEGIES_FILE, predictions_file("finetuned"),
                               locator_dir("finetuned"), coordinates_file("finetuned")),
-                             tuple(strategy_predictions_file(s, wise) for s in STRATEGIES for wise in (False, True))),
+                             (*(strategy_predictions_file(s, wise) for s in STRATEGIES for wise in (False, True)),
+                              peer_dir("geoclip_finetuned"))),
     "04_evaluate": StepFiles((PARAMS, DATA, AUDIT, *map(split_file, SPLITS), *map(predictions_file, MODELS),
                               *map(locator_dir, MODELS), *map(coordinates_file, MODELS)),
                              (*map(classification_report_file, MODELS), METRICS)),
@@ -169,6 +177,11 @@ class RunDir(type(Path())):  # type(Path()): the concrete Path class of this pla
     @property
     def metrics(self) -> Path:
         return self / METRICS
+
+    def peer(self, method: str) -> Path:
+        """``peers/<method>/`` (``gallery.parquet``, ``val_answers.parquet``, ``summary.json``); a fine-tuned peer
+        trains into ``checkpoints/<method>/``."""
+        return self / peer_dir(method)
 
     def classification_report(self, model: str) -> Path:
         return self / classification_report_file(model)

@@ -19,7 +19,7 @@ from lageo_utils.data import ManifestError, read_manifest, read_table, write_man
 from lageo_utils.files import atomic_write, sha256_file
 from lageo_utils.logs import configure_logging
 from lageo_utils.notebook import setup_notebook
-from lageo_utils.params import check_params
+from lageo_utils.params import PEER_METHODS, check_params
 from lageo_utils.regions import load_regions
 from lageo_utils.runs import (
     MODEL_LABELS,
@@ -231,7 +231,7 @@ def zero_shot(run: RunDir, params: dict) -> pd.DataFrame:
     predictions.to_parquet(run.predictions("zeroshot"), index=False)
     log.info("zero-shot: %d test images, accuracy %.3f", len(predictions), predictions["correct"].mean())
     prompt_variants(run, params, (model, preprocess, tokenizer), embedded["test"])
-    locate(run, params, predictor, "zeroshot", embedded)
+    locate(run, params, predictor, "zeroshot", embedded, peers=geoclip_answers(run, params, "zeroshot"))
     return predictions
 
 
@@ -283,13 +283,15 @@ def embed_splits(run: RunDir, params: dict, predictor) -> dict:
             for name in SPLITS}
 
 
-def locate(run: RunDir, params: dict, predictor, model: str, embedded: dict) -> pd.DataFrame:
+def locate(run: RunDir, params: dict, predictor, model: str, embedded: dict,
+           peers: pd.DataFrame | None = None) -> pd.DataFrame:
     """Coordinate answers of one model (see docs/geolocation.md).
 
     The gallery is the training split with this model's embeddings; every setting (k,
     temperatures, geocell resolution and tau) is chosen on the validation split; the test split
     is answered afterwards by every method of ``geo_methods``, per image and voted per capture
-    point. Writes ``locator/<model>/`` and ``coordinates_<model>.parquet``; returns the answers.
+    point. ``peers``: a peer method's rows for the same table (``geoclip_answers``). Writes ``locator/<model>/``
+    and ``coordinates_<model>.parquet``; returns the answers.
     """
     from lageo_utils.geolocate import Gallery, answer_all, fit_locator, save_locator
 
@@ -318,6 +320,8 @@ def locate(run: RunDir, params: dict, predictor, model: str, embedded: dict) -> 
     test_embeddings = embedded["test"].embeddings
     answers = answer_all(locator, rows["test"], test_embeddings, predictor.probabilities(test_embeddings),
                          predictor.region_ids, methods)
+    if peers is not None:
+        answers = pd.concat([answers, peers], ignore_index=True)
     answers.to_parquet(run.coordinates(model), index=False)
     per_image = answers[~answers["voted"]].groupby("method", sort=False)["error_km"].median()
     log.info("%s coordinates, median error (km): %s", model,
@@ -345,8 +349,9 @@ def _same_encoder_locator(run: RunDir, model: str, gallery, methods: list[str]):
 
 
 def geo_methods(params: dict) -> list[str]:
-    """The coordinate methods to answer: ``geo_methods``, with ``centroid`` (the reference) always first."""
-    return ["centroid", *(m for m in params["geo_methods"] if m != "centroid")]
+    """The coordinate methods the locator answers: ``geo_methods`` (peer methods aside: ``geoclip_answers``), with
+    ``centroid`` (the reference) always first."""
+    return ["centroid", *(m for m in params["geo_methods"] if m != "centroid" and m not in PEER_METHODS)]
 
 
 def quick_summary(predictions: pd.DataFrame) -> pd.Series:
@@ -406,7 +411,7 @@ def finetune(run: RunDir, params: dict) -> dict:
             shutil.copy2(out / run.history.name, run.history)
             shutil.copy2(out / run.train_summary.name, run.train_summary)
             predictions.to_parquet(run.predictions("finetuned"), index=False)
-            locate(run, params, predictor, "finetuned", embedded)
+            locate(run, params, predictor, "finetuned", embedded, peers=geoclip_answers(run, params, "finetuned"))
         write_json(partial, done)
     write_json(run.strategies_file, done)
     partial.unlink(missing_ok=True)
@@ -566,8 +571,9 @@ def strategy_figures(run: RunDir, params: dict, metrics: dict, predictions: dict
 def coordinate_metrics(run: RunDir, params: dict) -> dict:
     """The coordinate keys of ``metrics.json``: ``methods``, ``ceilings``, ``baselines``, ``risk_coverage``,
     ``paired_vs_centroid`` (see ``coordinate_metrics_json``), and ``coordinate_settings`` (what validation
-    chose), ``best_method`` (per model, the method other than centroid with the best validation score) and
-    ``gallery_overlap`` (test images with a gallery image at their point: retrieval's leak)."""
+    chose), ``best_method`` (per model, the method other than centroid with the best validation score),
+    ``gallery_overlap`` (test images with a gallery image at their point: retrieval's leak) and ``peers`` (each
+    GeoCLIP method's gallery, backbone, validation scores and training: ``geoclip_summaries``)."""
     import numpy as np
 
     from lageo_utils.coordinate_metrics import chance_baseline, coordinate_metrics_json, reference_tables
@@ -600,6 +606,7 @@ def coordinate_metrics(run: RunDir, params: dict) -> dict:
     same_point = ceilings["retrieval"]["error_km"] < 0.001
     doc["gallery_overlap"] = {"split_strategy": params["split_strategy"], "n_test_images": len(test),
                               "test_images_with_gallery_image_within_1m": int(same_point.sum())}
+    doc["peers"] = geoclip_summaries(run, params)
     return doc
 
 
@@ -730,3 +737,134 @@ def _probe_model(original: pd.DataFrame, intervened: dict, params: dict) -> dict
         log.warning("probing: no regression (%s)", exc)
         return {"drops": probing.intervention_drops(original, intervened, n_boot=params["n_boot"], seed=params["seed"]),
                 "per_region": probing.region_drops(original, intervened), "regression": {"not_fitted": str(exc)}}
+
+
+# --- GeoCLIP, a peer method (steps 02 and 03; lageo_utils.peers.geoclip, docs/peers.md) -------------------------
+
+# The lageo model whose coordinates table holds each GeoCLIP method, and whose centroid answer it is paired with:
+# the shipped weights beside zero-shot CLIP (step 02), the fine-tuned heads beside fine-tuned CLIP (step 03).
+GEOCLIP_METHOD_OF = {"zeroshot": "geoclip", "finetuned": "geoclip_finetuned"}
+
+
+def geoclip_backbone(params: dict) -> str | None:
+    """``geoclip_backbone`` as ``load_geoclip`` takes it: a folder relative to the project when one is there (or the
+    value starts with . or ~), else a Hugging Face model id; None: ``$LAGEO_GEOCLIP_BACKBONE`` or the default."""
+    value = params.get("geoclip_backbone")
+    if value is None:
+        return None
+    local = project_path(value)
+    return str(local) if local.exists() or value.startswith((".", "~")) else value
+
+
+def geoclip_answers(run: RunDir, params: dict, model: str) -> pd.DataFrame | None:
+    """GeoCLIP's rows for ``model``'s coordinates table, or None when ``geo_methods`` does not ask for them.
+
+    ``zeroshot`` (step 02): ``geoclip``, GeoCLIP's shipped image head and location encoder;
+    ``finetuned`` (step 03): ``geoclip_finetuned``, those trained on the training split (the
+    images of ``train_regions`` when set, as lageo's strategies) into ``checkpoints/geoclip_finetuned/``
+    with the backbone frozen, resuming from its ``last.pt``, answering with the validation-best
+    ``best.pt``. Both answer over the LA GPS gallery (a grid over the region boxes every
+    ``geoclip_spacing_m`` plus the training split's coordinates) as GeoCLIP's ``predict`` does: the
+    most probable gallery point (its probability the confidence) and the ``geoclip_top_k`` best
+    coordinates and probabilities (``top_k_lat``, ``top_k_lon``, ``top_k_prob``), per image and
+    pooled per capture point (``voted``). The validation split is answered too, into
+    ``peers/<method>/`` with the gallery and ``summary.json`` (written last).
+    """
+    from lageo_utils.peers import geoclip as gc
+
+    method = GEOCLIP_METHOD_OF[model]
+    if method not in params["geo_methods"]:
+        return None
+    geo = gc.load_geoclip(geoclip_backbone(params), device=params["device"])
+    rows = {name: load_split(run, name) for name in SPLITS}
+    gallery = gc.la_gps_gallery(regions_of(params), params["geoclip_spacing_m"], rows["train"]["latitude"],
+                                rows["train"]["longitude"])
+    settings = {"root": image_root(run), "cache_dir": embedding_cache_dir(), "batch_size": params["embed_batch_size"],
+                "num_workers": params["num_workers"]}
+    training = None
+    if method == gc.FINETUNED_METHOD:
+        config = gc.GeoclipTrainConfig(epochs=params["geoclip_epochs"], batch_size=params["geoclip_batch_size"],
+                                       learning_rate=params["geoclip_lr"], queue_size=params["geoclip_queue_size"],
+                                       seed=params["seed"])
+        trained = params["train_regions"]
+        seen = {name: rows[name][rows[name]["region_id"].isin(trained)] if trained else rows[name]
+                for name in ("train", "val")}
+        out = run.checkpoints / method
+        result = gc.finetune_geoclip(geo, seen["train"], seen["val"], out, config, root=settings["root"],
+                                     gallery=gallery, cache_dir=settings["cache_dir"], device=params["device"],
+                                     resume=(out / gc.LAST).exists(), embed_batch_size=settings["batch_size"],
+                                     num_workers=settings["num_workers"])
+        geo, training = gc.load_finetuned(geo, result.best_checkpoint), result.summary
+    locations = gc.gallery_embeddings(geo, gallery)
+    tables, failures = {}, []
+    for split in ("val", "test"):
+        found = gc.backbone_features(geo, rows[split]["image_path"].astype(str).tolist(), **settings)
+        if len(found.rows) == 0:
+            raise ValueError(f"{method}: no image of the {split} split could be read")
+        answered = rows[split].iloc[found.rows].reset_index(drop=True)
+        tables[split] = _geoclip_table(geo, answered, found.features, gallery, locations, params["geoclip_top_k"],
+                                       method)
+        failures += found.failures.assign(split=split).to_dict("records")
+    target = run.peer(method)
+    target.mkdir(parents=True, exist_ok=True)
+    gallery.to_parquet(target / "gallery.parquet", index=False)
+    tables["val"].to_parquet(target / "val_answers.parquet", index=False)
+    write_json(target / "summary.json", _geoclip_summary(geo, method, model, gallery, tables, failures, training))
+    per_image = tables["test"][~tables["test"]["voted"]]["error_km"].median()
+    log.info("%s: %d gallery points, %d test images, median error %.2f km", method, len(gallery),
+             int((~tables["test"]["voted"]).sum()), per_image)
+    return tables["test"]
+
+
+def _geoclip_table(geo, rows: pd.DataFrame, features, gallery: pd.DataFrame, locations, top_k: int,
+                   method: str) -> pd.DataFrame:
+    """Coordinates-table rows of one split: per image, then pooled per capture point (when rows have location_id)."""
+    from lageo_utils.geolocate import answers_table
+    from lageo_utils.peers import geoclip as gc
+
+    parts = []
+    for voted in (False, True) if "location_id" in rows.columns else (False,):
+        answers, top_lat, top_lon, top_prob = gc.answer_features(
+            geo, features, gallery, top_k=top_k, method=method, locations=locations,
+            location_ids=rows["location_id"].to_numpy() if voted else None)
+        # The neighbours of GeoCLIP's answers are GPS gallery rows, not training images: the top-k columns say more.
+        table = answers_table(rows, answers).drop(columns=["neighbours", "neighbour_similarities"])
+        parts.append(table.assign(voted=voted, top_k_lat=top_lat.tolist(), top_k_lon=top_lon.tolist(),
+                                  top_k_prob=top_prob.tolist()))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _geoclip_summary(geo, method: str, model: str, gallery: pd.DataFrame, tables: dict, failures: list,
+                     training: dict | None) -> dict:
+    from lageo_utils.coordinate_metrics import COORDINATE_THRESHOLDS_KM
+    from lageo_utils.geo import acc_at_km
+
+    def scores(table: pd.DataFrame) -> dict:
+        errors = table.loc[~table["voted"], "error_km"]
+        return {"n_images": len(errors), "median_error_km": float(errors.median()),
+                "acc_at_km": acc_at_km(errors, COORDINATE_THRESHOLDS_KM)}
+
+    return {
+        "method": method,
+        "coordinates_of": model,  # the coordinates table (and the centroid answer it is paired with)
+        "backbone": geo.backbone_name,
+        "backbone_identity": geo.backbone_identity,
+        "gallery": {"points": len(gallery), **{k: int(v) for k, v in gallery["source"].value_counts().items()},
+                    **gallery.attrs},
+        "top_k": len(tables["test"]["top_k_prob"].iloc[0]),
+        "val": scores(tables["val"]),
+        "test_images": int((~tables["test"]["voted"]).sum()),
+        "unreadable_images": failures,
+        "training": training,
+    }
+
+
+def geoclip_summaries(run: RunDir, params: dict) -> dict:
+    """The ``peers`` key of ``metrics.json``: each GeoCLIP method's ``summary.json`` (gallery, backbone,
+    validation scores, training), for the methods ``geo_methods`` asked for."""
+    found = {}
+    for method in GEOCLIP_METHOD_OF.values():
+        path = run.peer(method) / "summary.json"
+        if method in params["geo_methods"] and path.exists():
+            found[method] = json.loads(path.read_text())
+    return found

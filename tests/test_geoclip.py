@@ -212,6 +212,19 @@ def test_load_from_a_local_folder_and_the_width_check(tmp_path):
         gc.load_geoclip(narrow, device="cpu")
 
 
+def test_a_folder_without_the_image_projection_is_refused_not_filled_with_random_weights(tmp_path):
+    """A vision tower saved without its projection would load with a random one: load_geoclip refuses it."""
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8))
+    tower.save_pretrained(tmp_path / "no-projection")
+    gc.default_processor(tower).save_pretrained(tmp_path / "no-projection")
+    with pytest.raises(WeightsUnavailableError, match=r"lacks 1 weight\(s\) of the image tower \(e.g. "
+                                                      r"visual_projection.weight\)"):
+        gc.load_geoclip(tmp_path / "no-projection", device="cpu")
+
+
 # -- missing pieces -----------------------------------------------------------------------------
 
 

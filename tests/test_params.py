@@ -77,7 +77,8 @@ def test_list_parameters_from_yaml_lists_or_comma_separated_text():
     assert check_value("geocell_resolutions", "7,8") == [7, 8]  # items read as YAML, like -p values
     assert defaults()["geocell_resolutions"] == [7, 8] and defaults()["geocell_resolutions"] is not PARAMS[
         "geocell_resolutions"].default
-    assert PARAMS["geo_methods"].allowed() == "list of centroid | expected | retrieval | region_retrieval | geocell"
+    assert PARAMS["geo_methods"].allowed() == ("list of centroid | expected | retrieval | region_retrieval | geocell | "
+                                               "geoclip | geoclip_finetuned")
     params = resolve_params("demo", overrides={"geo_methods": "centroid,retrieval"})
     assert params["geo_methods"] == ["centroid", "retrieval"]
 
@@ -90,6 +91,12 @@ def test_declared_coordinate_choices_are_the_code_s():
 
     assert GEO_METHODS == geolocate.METHODS == predict.METHODS and GEO_SEARCH_BACKENDS == geolocate.SEARCH_BACKENDS
     assert predict.RUN_MODELS == MODELS
+    from lageo_utils.params import PARAMS, PEER_METHODS
+    from lageo_utils.peers import geoclip
+    from lageo_utils.steps import GEOCLIP_METHOD_OF
+
+    assert PEER_METHODS == (geoclip.METHOD, geoclip.FINETUNED_METHOD) == tuple(GEOCLIP_METHOD_OF.values())
+    assert PARAMS["geo_methods"].choices == GEO_METHODS + PEER_METHODS
 
 
 def test_declared_strategy_and_prompt_choices_are_the_code_s():

@@ -31,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -206,12 +207,32 @@ def load_geoclip(backbone: str | os.PathLike | nn.Module | None = None, *, proce
             vision_config.projection_dim = config.projection_dim  # the projection's width is the CLIP config's
         else:
             vision_config = config
-        vision = CLIPVisionModelWithProjection.from_pretrained(source, config=vision_config, **options)
+        # A whole CLIP checkpoint's text tower is "unexpected" here: transformers' load report (a warning listing
+        # every text weight) is silenced, and what matters, image-tower weights missing from the file, is checked.
+        with _transformers_verbosity_error():
+            vision, info = CLIPVisionModelWithProjection.from_pretrained(source, config=vision_config,
+                                                                         output_loading_info=True, **options)
         processor = processor or CLIPImageProcessor.from_pretrained(source, **options)
     except OSError as exc:  # transformers reports missing or unreadable files as OSError
         raise WeightsUnavailableError(_backbone_help(source, f"loading failed ({exc})")) from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise WeightsUnavailableError(_backbone_help(source, f"its checkpoint lacks {len(missing)} weight(s) of the "
+                                                             f"image tower (e.g. {missing[0]})"))
     log.info("loaded GeoCLIP with backbone %s on %s", source, target)
     return GeoclipModel(vision, processor, str(source)).to(target).eval()
+
+
+@contextmanager
+def _transformers_verbosity_error():
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def check_geoclip_weights(backbone: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
