@@ -234,9 +234,12 @@ def test_lageo_run_refuses_a_region_file_without_descriptions(outputs, tmp_path,
     assert not outputs.exists()
 
 
-def test_lageo_run_refuses_unknown_training_regions_and_image_only_backbones(outputs, capsys):
+def test_lageo_run_refuses_unknown_training_regions_and_only_text_side_strategies_on_image_only_backbones(
+        outputs, capsys):
     assert main(["run", "--profile", "demo", "-p", "train_regions", "downtown_la,atlantis"]) == 2
     assert "train_regions ['atlantis'] are not in the region file" in capsys.readouterr().err
-    assert main(["run", "--profile", "demo", "-p", "model", "timm:lageo-tiny-dinov2"]) == 2
-    assert "is image-only: the pipeline's zero-shot step needs CLIP" in capsys.readouterr().err
+    assert main(["run", "--profile", "demo", "-p", "model", "timm:lageo-tiny-dinov2", "-p", "strategies",
+                 "zeroshot,contrastive"]) == 2
+    assert ("'timm:lageo-tiny-dinov2' is image-only (no text tower) and strategies ['zeroshot', 'contrastive'] are "
+            "all text-side: choose at least one of linear_probe, partial, lora, full") in capsys.readouterr().err
     assert not outputs.exists()
