@@ -266,7 +266,9 @@ def strategies_table(metrics: dict) -> pd.DataFrame:
         rows[strategy] = _strategy_row(m)
         if m.get("wise_ft") and "accuracy" in m["wise_ft"]:
             rows[f"{strategy} + WiSE-FT (alpha {m['wise_ft']['alpha']:.2f})"] = _strategy_row(m["wise_ft"])
-    return pd.DataFrame(rows).T
+    table = pd.DataFrame(rows).T
+    # An image-only backbone has no zero-shot model to pair with: no column of dashes.
+    return table if "zeroshot" in metrics else table.drop(columns="Accuracy minus zero-shot (paired)", errors="ignore")
 
 
 def _strategy_row(m: dict) -> dict:
