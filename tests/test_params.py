@@ -242,4 +242,9 @@ def test_lageo_run_refuses_unknown_training_regions_and_only_text_side_strategie
                  "zeroshot,contrastive"]) == 2
     assert ("'timm:lageo-tiny-dinov2' is image-only (no text tower) and strategies ['zeroshot', 'contrastive'] are "
             "all text-side: choose at least one of linear_probe, partial, lora, full") in capsys.readouterr().err
+    # image-only weights are checked before any work, as CLIP's are (the tests run with HF_HUB_OFFLINE)
+    assert main(["run", "--profile", "demo", "-p", "model", "timm:vit_small_patch14_dinov2", "-p", "pretrained",
+                 "lvd142m"]) == 2
+    err = capsys.readouterr().err
+    assert "Weights for 'timm:vit_small_patch14_dinov2' are unavailable" in err and "Fix it in one of two ways" in err
     assert not outputs.exists()
