@@ -168,7 +168,7 @@ def compare_models(
 
 
 def metrics_json(
-    zeroshot_preds: pd.DataFrame,
+    zeroshot_preds: pd.DataFrame | None,
     finetuned_preds: pd.DataFrame,
     regions,
     params: Mapping,
@@ -181,7 +181,8 @@ def metrics_json(
     """The ``metrics.json`` document: M (with a ``ci`` dict) per model, params, data counts, comparison.
 
     ``comparison`` is the paired bootstrap of fine-tuned minus zero-shot accuracy; ``bootstrap``
-    records how the intervals were drawn. The result is JSON-safe: numpy scalars become Python
+    records how the intervals were drawn. Without zero-shot predictions (an image-only backbone)
+    the document has no ``zeroshot`` and no ``comparison``. The result is JSON-safe: numpy scalars become Python
     numbers and NaN/inf become None.
     """
     missing = [k for k in ("train", "val", "test") if k not in data_counts]
@@ -189,14 +190,19 @@ def metrics_json(
         raise ValueError(f"data_counts lacks {missing}: it needs the train, val and test image counts")
     doc: dict = {}
     for name, preds in (("zeroshot", zeroshot_preds), ("finetuned", finetuned_preds)):
+        if preds is None:
+            continue
         m = compute_metrics(preds, regions)
         m["ci"] = bootstrap_ci(preds, regions=regions, n_boot=n_boot, seed=seed, ci=ci)
         doc[name] = m
     doc["params"] = dict(params)
     doc["data"] = dict(data_counts)
-    comparison = compare_models(finetuned_preds, zeroshot_preds, regions=regions, n_boot=n_boot, seed=seed, ci=ci)
-    doc["comparison"] = {"a": "finetuned", "b": "zeroshot", **comparison}
-    doc["bootstrap"] = {"n_boot": n_boot, "seed": seed, "ci_level": ci, "resampled": comparison["resampled"]}
+    resampled = "location_id" if "location_id" in finetuned_preds.columns else "image"  # as bootstrap_ci draws
+    if zeroshot_preds is not None:
+        comparison = compare_models(finetuned_preds, zeroshot_preds, regions=regions, n_boot=n_boot, seed=seed, ci=ci)
+        doc["comparison"] = {"a": "finetuned", "b": "zeroshot", **comparison}
+        resampled = comparison["resampled"]
+    doc["bootstrap"] = {"n_boot": n_boot, "seed": seed, "ci_level": ci, "resampled": resampled}
     return to_json_safe(doc)
 
 

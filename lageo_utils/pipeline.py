@@ -16,8 +16,9 @@ import papermill
 from papermill.exceptions import PapermillExecutionError
 from traitlets.config import Config
 
+from lageo_utils.backbones import IMAGE_STRATEGIES, is_image_only, requested_strategies, trained_strategies
 from lageo_utils.data import ManifestError
-from lageo_utils.model import WeightsUnavailableError, backbone_family, check_weights
+from lageo_utils.model import WeightsUnavailableError, check_weights
 from lageo_utils.notebook import PAPERMILL_KERNEL, html_exporter
 from lageo_utils.params import ParamError
 from lageo_utils.prompts import region_prompts
@@ -63,17 +64,18 @@ def preflight(params: dict) -> None:
 
     try:
         regions = load_regions(project_path(params["regions"]))
-        region_prompts(regions)
+        if not is_image_only(params["model"]):  # an image-only backbone reads no prompts
+            region_prompts(regions)
         if params["top_k"] > len(regions):
             raise ParamError(f"top_k must be <= the number of regions ({len(regions)}), got {params['top_k']}")
         unknown = sorted(set(params["train_regions"] or []) - set(regions["id"]))
         if unknown:
             raise ParamError(f"train_regions {unknown} are not in the region file {params['regions']} "
                              f"(ids: {', '.join(regions['id'])})")
-        if backbone_family(params["model"]) != "open_clip":
-            raise ParamError(f"model {params['model']!r} is image-only: the pipeline's zero-shot step needs CLIP. "
-                             "Train it with `lageo train` (linear_probe, partial, lora, full); running image-only "
-                             "backbones through the notebooks is not supported yet")
+        if is_image_only(params["model"]) and not trained_strategies(params):  # text-side ones are skipped
+            raise ParamError(f"model {params['model']!r} is image-only (no text tower) and strategies "
+                             f"{requested_strategies(params)} are all text-side: choose at least one of "
+                             f"{', '.join(IMAGE_STRATEGIES)} (-p strategies linear_probe,partial)")
         check_weights(params["model"], params["pretrained"])
         check_peers(params)
         if params["data_source"] == "manifest":

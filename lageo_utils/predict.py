@@ -101,7 +101,29 @@ def load_classifier_state(classifier: RegionClassifier, state: dict, complete: b
                               f"unexpected {unexpected[:5]})")
 
 
-class GeoPredictor:
+class ImageEncoder:
+    """An image encoder and its preprocessing: L2-normalised image embeddings, no region head.
+
+    On its own it is an image-only backbone before training (retrieval and geocells answer from its
+    embeddings); ``GeoPredictor`` adds the region head.
+    """
+
+    def __init__(self, model, preprocess, device="auto", model_name: str | None = None):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
+        self.model_name = model_name
+
+    def embed_image(self, image_or_path: Image.Image | str | os.PathLike) -> torch.Tensor:
+        """The L2-normalised embedding (1 x dim) of one image or image file (ImageReadError if unreadable)."""
+        image = to_rgb(image_or_path) if isinstance(image_or_path, Image.Image) else open_rgb(image_or_path)
+        pixels = self.preprocess(image).unsqueeze(0).to(self.device)
+        with torch.no_grad(), autocast(self.device):
+            features = self.model.encode_image(pixels)
+        return F.normalize(features.float(), dim=-1)
+
+
+class GeoPredictor(ImageEncoder):
     """Region probabilities for images, zero-shot or from a fine-tuned ``RegionClassifier``.
 
     Without ``classifier`` this is zero-shot CLIP: cosine similarities to the region prompts'
@@ -118,16 +140,13 @@ class GeoPredictor:
                  temperature: float = 1.0, descriptors: dict[str, str] | None = None):
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
-        self.preprocess = preprocess
+        super().__init__(model, preprocess, device, model_name)
         self.tokenizer = tokenizer
         self.regions = regions.reset_index(drop=True)
         self.region_ids: list[str] = [str(r) for r in self.regions["id"]]
         self.centroids = self.regions[["centroid_lat", "centroid_lon"]].to_numpy(dtype=float)
         self.templates = templates
         self.scale = scale
-        self.model_name = model_name
         if classifier is None:
             if not has_text_tower(model):
                 raise ValueError(f"{model_name or type(model).__name__} has no text tower: zero-shot needs CLIP; "
@@ -168,14 +187,6 @@ class GeoPredictor:
         probs = self.probabilities(embeddings)
         top_idx = top_k_indices(probs, top_k)
         return top_idx, np.take_along_axis(probs, top_idx, axis=1)
-
-    def embed_image(self, image_or_path: Image.Image | str | os.PathLike) -> torch.Tensor:
-        """The L2-normalised embedding (1 x dim) of one image or image file (ImageReadError if unreadable)."""
-        image = to_rgb(image_or_path) if isinstance(image_or_path, Image.Image) else open_rgb(image_or_path)
-        pixels = self.preprocess(image).unsqueeze(0).to(self.device)
-        with torch.no_grad(), autocast(self.device):
-            features = self.model.encode_image(pixels)
-        return F.normalize(features.float(), dim=-1)
 
     def predict(self, image_or_path, top_k: int = 5) -> tuple[list[tuple[float, float]], list[float]]:
         """The seed's contract: ``(top_pred_gps, top_pred_prob)``, region centroids and probabilities, best first."""

@@ -11,7 +11,8 @@ import pandas as pd
 import yaml
 from IPython.display import Image
 
-from lageo_utils.runs import MODEL_LABELS, RunDir
+from lageo_utils.backbones import skipped_markdown as _skipped_markdown
+from lageo_utils.runs import MODEL_LABELS, MODELS, RunDir, model_labels, read_params
 
 COMPARISON_COLUMNS = {
     "accuracy": "Accuracy",
@@ -52,10 +53,27 @@ def header(run: RunDir, params: dict) -> str:
     return "\n\n".join(lines)
 
 
+def labels_of(metrics: dict) -> dict[str, str]:
+    """The models' display names for the run's backbone (``metrics.json`` records its parameters)."""
+    return model_labels(metrics.get("params", {}).get("model", ""))
+
+
+def models_in(metrics: dict) -> list[str]:
+    """The models with test predictions: zero-shot and fine-tuned, or only fine-tuned for an image-only backbone."""
+    return [model for model in MODELS if model in metrics]
+
+
+def skipped_markdown(metrics: dict) -> str:
+    """The visible note of the text-side methods an image-only backbone skipped, and why (empty for CLIP)."""
+    return _skipped_markdown(metrics.get("skipped") or {})
+
+
 def comparison_table(metrics: dict) -> pd.DataFrame:
     """Zero-shot vs fine-tuned: classification, distance and calibration metrics (95% CI where computed)."""
     rows = {}
-    for key, label in MODEL_LABELS.items():
+    labels = labels_of(metrics)
+    for key in models_in(metrics):
+        label = labels[key]
         m = metrics[key]
         ci = m.get("ci", {})
         row = {col: _with_ci(m[k], ci.get(k)) for k, col in COMPARISON_COLUMNS.items()}
@@ -88,8 +106,10 @@ def classification_report(run: RunDir, model: str) -> str:
 
 
 def classification_reports_markdown(run: RunDir) -> str:
+    labels = model_labels(read_params(run)["model"])
     return "\n\n".join(
-        f"**{label}**\n\n```\n{classification_report(run, key)}\n```" for key, label in MODEL_LABELS.items()
+        f"**{label}**\n\n```\n{classification_report(run, key)}\n```" for key, label in labels.items()
+        if run.classification_report(key).exists()
     )
 
 
@@ -174,8 +194,9 @@ def coordinate_table(metrics: dict) -> pd.DataFrame:
         row["Images"] = summary.get("n_images", "")
         rows[(group, name)] = row
 
+    labels = labels_of(metrics)
     for model, methods in metrics["methods"].items():
-        label = MODEL_LABELS.get(model, model)
+        label = labels.get(model, model)
         for method, summary in methods.items():
             add(label, method, summary)
         for method, summary in methods.items():
@@ -214,9 +235,10 @@ def coordinate_markdown(metrics: dict, params: dict) -> str:
             f"Split `{overlap['split_strategy']}`: {overlap['test_images_with_gallery_image_within_1m']} of "
             f"{overlap['n_test_images']} test images have a training image within 1 m of their point "
             f"(buffer_m {params.get('buffer_m', 0)}).")
+    labels = labels_of(metrics)
     for model, best in metrics.get("best_method", {}).items():
         if best:
-            lines.append(f"{MODEL_LABELS.get(model, model)}: best method on validation **{best}** (the maps show it "
+            lines.append(f"{labels.get(model, model)}: best method on validation **{best}** (the maps show it "
                          "beside centroid).")
     paired = []
     for model, methods in metrics["paired_vs_centroid"].items():
@@ -226,7 +248,7 @@ def coordinate_markdown(metrics: dict, params: dict) -> str:
                 continue
             lo, hi = d["ci"]
             verdict = "better" if lo is not None and lo > 0 else "worse" if hi is not None and hi < 0 else "no clear difference"
-            paired.append(f"| {MODEL_LABELS.get(model, model)} | {method} | {d['difference']:+.3f} "
+            paired.append(f"| {labels.get(model, model)} | {method} | {d['difference']:+.3f} "
                           f"[{_fmt(lo)}, {_fmt(hi)}] | {diff['median_error_km']['difference']:+.2f} | {verdict} |")
     if paired:
         lines.append("Against `centroid` on the same images (paired bootstrap):\n\n| model | method | ACC@1 km "
@@ -257,12 +279,14 @@ def _peer_lines(peers: dict) -> list[str]:
 def strategies_table(metrics: dict) -> pd.DataFrame:
     """Zero-shot and every strategy (and its WiSE-FT model): scores with 95% CIs, trainable parameters, training
     time, and the paired bootstrap of the accuracy gain over zero-shot."""
-    rows = {"zero-shot": _strategy_row(metrics["zeroshot"])}
+    rows = {"zero-shot": _strategy_row(metrics["zeroshot"])} if "zeroshot" in metrics else {}
     for strategy, m in metrics.get("strategies", {}).items():
         rows[strategy] = _strategy_row(m)
         if m.get("wise_ft") and "accuracy" in m["wise_ft"]:
             rows[f"{strategy} + WiSE-FT (alpha {m['wise_ft']['alpha']:.2f})"] = _strategy_row(m["wise_ft"])
-    return pd.DataFrame(rows).T
+    table = pd.DataFrame(rows).T
+    # An image-only backbone has no zero-shot model to pair with: no column of dashes.
+    return table if "zeroshot" in metrics else table.drop(columns="Accuracy minus zero-shot (paired)", errors="ignore")
 
 
 def _strategy_row(m: dict) -> dict:

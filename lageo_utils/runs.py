@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from lageo_utils.backbones import EMBEDDING_METHODS, is_image_only
 from lageo_utils.files import atomic_write
 from lageo_utils.params import PROMPT_VARIANTS, STRATEGIES, ParamError, check_params, defaults
 from lageo_utils.regions import PROJECT_ROOT
@@ -110,6 +111,30 @@ STEP_FILES: dict[str, StepFiles] = {
 # 05_report, whose report includes probing.json when it exists. Steps are named by what they do, not by when they run.
 STEPS = list(STEP_FILES)
 OPTIONAL_STEPS = {"06_probing": "interventions"}  # step -> the parameter that, when empty, skips it
+
+
+def absent_files(params: dict) -> set[str]:
+    """Step outputs (and so later steps' inputs) that a run with these parameters does not write: an image-only
+    backbone has no zero-shot model, so no zero-shot predictions or classification report, and no zero-shot locator
+    either when ``geo_methods`` holds no method answered from embeddings alone (``lageo_utils.backbones``)."""
+    if not is_image_only(params.get("model", "")):
+        return set()
+    absent = {predictions_file("zeroshot"), classification_report_file("zeroshot")}
+    if not set(params.get("geo_methods") or ()) & set(EMBEDDING_METHODS):
+        absent |= {locator_dir("zeroshot"), coordinates_file("zeroshot")}
+    return absent
+
+
+def model_labels(model_name: str) -> dict[str, str]:
+    """``MODEL_LABELS`` for a run's model: an image-only backbone's untrained model is not zero-shot CLIP."""
+    if not is_image_only(model_name):
+        return dict(MODEL_LABELS)
+    return {"zeroshot": f"Frozen {model_name} (no head)", "finetuned": f"Fine-tuned {model_name}"}
+
+
+def _run_absent_files(run: Path) -> set[str]:
+    params_file = RunDir(run).params_file
+    return absent_files(yaml.safe_load(params_file.read_text())["params"]) if params_file.exists() else set()
 
 
 def step_wanted(step: str, params: dict) -> bool:
@@ -356,7 +381,8 @@ def start_step(step: str, run_dir: str | os.PathLike | None) -> RunDir:
     if step not in STEP_FILES:
         raise RunError(f"unknown step {step!r}; steps: {STEPS}")
     run = resolve_run_dir(run_dir)
-    missing = [f for f in STEP_FILES[step].inputs if not (run / f).exists()]
+    absent = _run_absent_files(run)
+    missing = [f for f in STEP_FILES[step].inputs if not (run / f).exists() and f not in absent]
     if missing:
         makers = {f: next((s for s, files in STEP_FILES.items() if f in files.outputs), "lageo run") for f in missing}
         listing = ", ".join(f"{f} (made by {m})" for f, m in makers.items())
@@ -365,8 +391,9 @@ def start_step(step: str, run_dir: str | os.PathLike | None) -> RunDir:
 
 
 def step_done(run: Path, step: str) -> bool:
-    """Whether every output of ``step`` exists in ``run``."""
-    return all((run / f).exists() for f in STEP_FILES[step].outputs)
+    """Whether every output of ``step`` exists in ``run`` (outputs its parameters make absent excepted)."""
+    absent = _run_absent_files(run)
+    return all((run / f).exists() or f in absent for f in STEP_FILES[step].outputs)
 
 
 def fork_run(parent: Path, step: str) -> RunDir:

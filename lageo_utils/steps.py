@@ -22,11 +22,11 @@ from lageo_utils.notebook import setup_notebook
 from lageo_utils.params import PEER_METHODS, check_params
 from lageo_utils.regions import load_regions
 from lageo_utils.runs import (
-    MODEL_LABELS,
     MODELS,
     SPLITS,
     RunDir,
     fork_run,
+    model_labels,
     new_run_dir,
     outputs_dir,
     project_path,
@@ -214,15 +214,20 @@ def load_model(params: dict):
     return load_model(params["model"], params["pretrained"], device=params["device"])
 
 
-def zero_shot(run: RunDir, params: dict) -> pd.DataFrame:
+def zero_shot(run: RunDir, params: dict) -> pd.DataFrame | None:
     """Zero-shot predictions on the test split and the zero-shot model's coordinate answers.
 
     Writes ``predictions_zeroshot.parquet``, ``locator/zeroshot/`` and ``coordinates_zeroshot.parquet``.
+    An image-only backbone has no zero-shot model: see ``frozen_backbone`` (returns None then).
     """
+    from lageo_utils.model import has_text_tower
     from lageo_utils.predict import GeoPredictor, predictions_from_embeddings
 
     regions = regions_of(params)
     model, preprocess, tokenizer = load_model(params)
+    if not has_text_tower(model):
+        frozen_backbone(run, params, model, preprocess)
+        return None
     predictor = GeoPredictor(model, preprocess, tokenizer, regions, device=params["device"], model_name=params["model"])
     embedded = embed_splits(run, params, predictor)
     predictor.temperature = fit_validation_temperature(run, predictor, embedded["val"])
@@ -233,6 +238,29 @@ def zero_shot(run: RunDir, params: dict) -> pd.DataFrame:
     prompt_variants(run, params, (model, preprocess, tokenizer), embedded["test"])
     locate(run, params, predictor, "zeroshot", embedded, peers=geoclip_answers(run, params, "zeroshot"))
     return predictions
+
+
+def frozen_backbone(run: RunDir, params: dict, model, preprocess) -> pd.DataFrame | None:
+    """Step 02 for an image-only backbone: no text prompts, so no region classification (``skipped_note``). The
+    splits are embedded (through the cache, for step 03) and, when ``geo_methods`` asks for them, the methods
+    answered from embeddings alone (retrieval, geocell) answer for the frozen backbone: ``locator/zeroshot/`` and
+    ``coordinates_zeroshot.parquet``. Returns those answers (None when there are none)."""
+    from lageo_utils.backbones import frozen_methods
+    from lageo_utils.predict import ImageEncoder
+
+    log.info("zero-shot skipped: %s is an image-only backbone (no text tower)", params["model"])
+    encoder = ImageEncoder(model, preprocess, device=params["device"], model_name=params["model"])
+    embedded = embed_splits(run, params, encoder)
+    if not frozen_methods(params):
+        return None
+    return locate(run, params, encoder, "zeroshot", embedded, peers=geoclip_answers(run, params, "zeroshot"))
+
+
+def skipped_note(params: dict) -> str:
+    """The Markdown note of what this run skips and why (``lageo_utils.backbones``); empty for CLIP."""
+    from lageo_utils.backbones import skipped_markdown, skipped_methods
+
+    return skipped_markdown(skipped_methods(params))
 
 
 def zero_shot_temperature(run: RunDir) -> float:
@@ -293,18 +321,27 @@ def locate(run: RunDir, params: dict, predictor, model: str, embedded: dict,
     point. ``peers``: a peer method's rows for the same table (``geoclip_answers``). Writes ``locator/<model>/``
     and ``coordinates_<model>.parquet``; returns the answers.
     """
+    from lageo_utils.backbones import EMBEDDING_METHODS, frozen_methods
     from lageo_utils.geolocate import Gallery, answer_all, fit_locator, save_locator
+    from lageo_utils.predict import GeoPredictor
 
     rows = {name: load_split(run, name).iloc[result.rows].reset_index(drop=True) for name, result in embedded.items()}
-    gallery = Gallery.from_rows(rows["train"], embedded["train"].embeddings, predictor.region_ids,
-                                backend=params["geo_search"])
-    methods = geo_methods(params)
+    # An image encoder without a region head (image-only backbone, step 02): no probabilities, embedding methods only.
+    headed = isinstance(predictor, GeoPredictor)
+    regions = regions_of(params)
+    region_ids = predictor.region_ids if headed else [str(r) for r in regions["id"]]
+    centroids = predictor.centroids if headed else regions[["centroid_lat", "centroid_lon"]].to_numpy(float)
+
+    def probabilities(embeddings):
+        return predictor.probabilities(embeddings) if headed else None
+
+    gallery = Gallery.from_rows(rows["train"], embedded["train"].embeddings, region_ids, backend=params["geo_search"])
+    methods = geo_methods(params) if headed else frozen_methods(params)
     shared = _same_encoder_locator(run, model, gallery, methods)
-    embedding_only = ("retrieval", "geocell")  # tuned on embeddings alone: equal for models sharing an encoder
     val, val_embeddings = rows["val"], embedded["val"].embeddings
-    locator = fit_locator(predictor.centroids, gallery, val_embeddings, predictor.probabilities(val_embeddings),
+    locator = fit_locator(centroids, gallery, val_embeddings, probabilities(val_embeddings),
                           val["latitude"].to_numpy(float), val["longitude"].to_numpy(float),
-                          methods=[m for m in methods if shared is None or m not in embedding_only],
+                          methods=[m for m in methods if shared is None or m not in EMBEDDING_METHODS],
                           geocell_resolutions=params["geocell_resolutions"],
                           geocell_min_cell_images=(params["geocell_min_images"],), seed=params["seed"])
     if shared is not None:
@@ -318,8 +355,7 @@ def locate(run: RunDir, params: dict, predictor, model: str, embedded: dict,
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     test_embeddings = embedded["test"].embeddings
-    answers = answer_all(locator, rows["test"], test_embeddings, predictor.probabilities(test_embeddings),
-                         predictor.region_ids, methods)
+    answers = answer_all(locator, rows["test"], test_embeddings, probabilities(test_embeddings), region_ids, methods)
     if peers is not None:
         answers = pd.concat([answers, peers], ignore_index=True)
     answers.to_parquet(run.coordinates(model), index=False)
@@ -419,8 +455,11 @@ def finetune(run: RunDir, params: dict) -> dict:
 
 
 def run_strategies(params: dict) -> list[str]:
-    """The strategies of a run: ``strategies``, or the one ``strategy``."""
-    return list(params["strategies"] or [params["strategy"]])
+    """The strategies a run trains: ``strategies``, or the one ``strategy``; for an image-only backbone without the
+    text-side ones (``skipped_note`` says so)."""
+    from lageo_utils.backbones import trained_strategies
+
+    return trained_strategies(params)
 
 
 def finetuned_checkpoint(run: RunDir, params: dict) -> Path:
@@ -432,12 +471,13 @@ def wise_ft_search(run: RunDir, params: dict, predictor, clip: tuple, strategy: 
     """WiSE-FT for a strategy that changed encoder weights: every ``wise_alphas`` weight scored on the validation
     split (all regions, and the trained and untrained ones apart), the best kept and its test predictions written.
     None for strategies that leave the encoder as it was (nothing to interpolate)."""
+    from lageo_utils.backbones import is_image_only
     from lageo_utils.embed import embed_manifest
     from lageo_utils.predict import predictions_from_embeddings, wise_ft
     from lageo_utils.training.config import ENCODER_STRATEGIES
 
-    if strategy not in ENCODER_STRATEGIES or len(params["wise_alphas"]) < 2:
-        return None
+    if strategy not in ENCODER_STRATEGIES or len(params["wise_alphas"]) < 2 or is_image_only(params["model"]):
+        return None  # image-only: no zero-shot head to interpolate towards (skipped_note says so)
     val, trained = load_split(run, "val"), params["train_regions"]
     grid = []
     for alpha in sorted(params["wise_alphas"]):
@@ -471,12 +511,13 @@ TRAIN_PARAMS = ("epochs", "lr", "batch_size", "grad_accum_steps", "weight_decay"
 # --- 04: evaluation ---------------------------------------------------------------------------
 
 def load_predictions(run: RunDir) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_parquet(run.predictions(name)) for name in MODELS}
+    """Each model's test predictions (an image-only backbone's run has no zero-shot ones)."""
+    return {name: pd.read_parquet(run.predictions(name)) for name in MODELS if run.predictions(name).exists()}
 
 
 def load_coordinates(run: RunDir) -> dict[str, pd.DataFrame]:
-    """Each model's coordinate answers (every method, per image and voted)."""
-    return {name: pd.read_parquet(run.coordinates(name)) for name in MODELS}
+    """Each model's coordinate answers (every method, per image and voted), for the models that have them."""
+    return {name: pd.read_parquet(run.coordinates(name)) for name in MODELS if run.coordinates(name).exists()}
 
 
 def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
@@ -485,15 +526,17 @@ def evaluate(run: RunDir, params: dict) -> tuple[dict, dict]:
     ``metrics.json`` is written last, so its presence means the step finished.
     Returns the metrics document and the figures by name.
     """
+    from lageo_utils.backbones import skipped_methods
     from lageo_utils.metrics import classification_report_text, metrics_json
 
     regions = regions_of(params)
     predictions = load_predictions(run)
     counts = json.loads(run.data_file.read_text())["counts"]
-    doc = metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, params,
+    doc = metrics_json(predictions.get("zeroshot"), predictions["finetuned"], regions, params,
                        {k: counts[k] for k in SPLITS}, n_boot=params["n_boot"], seed=params["seed"])
     doc.update(coordinate_metrics(run, params))
     doc.update(strategy_metrics(run, params, predictions))
+    doc["skipped"] = skipped_methods(params)  # what an image-only backbone could not run, and why (empty for CLIP)
     for name, preds in predictions.items():
         run.classification_report(name).write_text(classification_report_text(preds, regions))
     figures = evaluation_figures(run, params, doc, predictions)
@@ -517,15 +560,15 @@ def strategy_metrics(run: RunDir, params: dict, predictions: dict[str, pd.DataFr
 
     regions = regions_of(params)
     boot = {"n_boot": params["n_boot"], "seed": params["seed"]}
-    zeroshot = predictions["zeroshot"]
+    zeroshot = predictions.get("zeroshot")  # None for an image-only backbone: nothing to pair with
 
     def scored(table: pd.DataFrame) -> dict:
         m = compute_metrics(table, regions)
         m["ci"] = bootstrap_ci(table, regions=regions, **boot)
-        m["paired_vs_zeroshot"] = compare_models(table, zeroshot, regions=regions, **boot)
+        m["paired_vs_zeroshot"] = None if zeroshot is None else compare_models(table, zeroshot, regions=regions, **boot)
         return m
 
-    tables = {"zeroshot": zeroshot}
+    tables = {} if zeroshot is None else {"zeroshot": zeroshot}
     strategies = {}
     for strategy, summary in json.loads(run.strategies_file.read_text()).items():
         tables[strategy] = pd.read_parquet(run.strategy_predictions(strategy))
@@ -552,7 +595,8 @@ def strategy_figures(run: RunDir, params: dict, metrics: dict, predictions: dict
     from lageo_utils.metrics import reliability_table
 
     made = {}
-    strategies = {"zero-shot": metrics["zeroshot"], **{s: m for s, m in metrics["strategies"].items()}}
+    strategies = {"zero-shot": metrics["zeroshot"]} if "zeroshot" in metrics else {}
+    strategies.update(metrics["strategies"])
     strategies.update({f"{s} + WiSE-FT (alpha {m['wise_ft']['alpha']:.2f})": m["wise_ft"]
                        for s, m in metrics["strategies"].items() if m.get("wise_ft")})
     made["04_strategies"] = figures.comparison_bar(strategies)
@@ -564,7 +608,7 @@ def strategy_figures(run: RunDir, params: dict, metrics: dict, predictions: dict
             calibration = metrics["calibration"][name]
             made[f"04_reliability_uncalibrated_{name}"] = figures.reliability_diagram(
                 reliability_table(before), calibration["ece_uncalibrated"],
-                f"{MODEL_LABELS[name]}: reliability before temperature scaling")
+                f"{model_labels(params['model'])[name]}: reliability before temperature scaling")
     return {name: show(fig, run, name) for name, fig in made.items()}
 
 
@@ -585,11 +629,12 @@ def coordinate_metrics(run: RunDir, params: dict) -> dict:
     tables = load_coordinates(run)
     answers = {model: _by_method(table, voted=False) for model, table in tables.items()}
     voted = {model: _by_method(table, voted=True) for model, table in tables.items()}
-    locators = {model: load_locator(run.locator(model)) for model in MODELS}
+    locators = {model: load_locator(run.locator(model)) for model in tables}
     gallery = locators["finetuned"].gallery
     test = load_split(run, "test")
     test = test[test["image_path"].isin(answers["finetuned"]["centroid"]["image_path"])].reset_index(drop=True)
-    cells_from = next((m for m in ("finetuned", "zeroshot") if locators[m].geocell_model is not None), None)
+    cells_from = next((m for m in ("finetuned", "zeroshot") if m in locators and locators[m].geocell_model is not None),
+                      None)
     ceilings, baselines = reference_tables(
         test, centroids, region_ids, gallery.lat, gallery.lon, np.asarray(region_ids)[gallery.region],
         cells=locators[cells_from].geocell_model.cells if cells_from else None, seed=params["seed"])
@@ -628,11 +673,12 @@ def evaluation_figures(run: RunDir, params: dict, metrics: dict, predictions: di
     from lageo_utils.metrics import confusion, reliability_table
 
     regions = regions_of(params)
-    labelled = {MODEL_LABELS[k]: metrics[k] for k in MODEL_LABELS}
+    labels = model_labels(params["model"])
+    labelled = {labels[k]: metrics[k] for k in MODELS if k in metrics}
     made = {"04_comparison": figures.comparison_bar(labelled),
             "04_per_region_f1": figures.per_region_bars(labelled, regions)}
     for name, preds in predictions.items():
-        label = MODEL_LABELS[name]
+        label = labels[name]
         made[f"04_confusion_{name}"] = figures.confusion_matrix_figure(confusion(preds, regions), f"{label}: confusion")
         made[f"04_error_map_{name}"] = maps.error_map(preds, regions, seed=params["seed"])
         made[f"04_region_error_{name}"] = maps.region_error_map(preds, regions)
@@ -651,9 +697,10 @@ def coordinate_figures(run: RunDir, params: dict, metrics: dict) -> dict:
     answers = _by_method(load_coordinates(run)["finetuned"], voted=False)
     best = metrics["best_method"]["finetuned"]
     shown = {"centroid": answers["centroid"], **({best: answers[best]} if best else {})}
+    labels = model_labels(params["model"])
     made = {"04_coordinate_errors": maps.coordinate_error_map(shown, regions_of(params), seed=params["seed"],
-                                                              title=f"{MODEL_LABELS['finetuned']}: coordinate errors"),
-            "04_risk_coverage": figures.risk_coverage_figure(metrics["risk_coverage"], MODEL_LABELS)}
+                                                              title=f"{labels['finetuned']}: coordinate errors"),
+            "04_risk_coverage": figures.risk_coverage_figure(metrics["risk_coverage"], labels)}
     if "retrieval" in answers:
         made["04_neighbours"] = figures.neighbour_figure(answers["retrieval"], load_split(run, "train"), image_root(run),
                                                          seed=params["seed"])
@@ -664,7 +711,8 @@ def explorer(run: RunDir, params: dict):
     """The interactive explorer widget over both models' predictions (needs a live kernel)."""
     from lageo_utils.explorer import PredictionExplorer
 
-    return PredictionExplorer(load_predictions(run), regions_of(params), image_root(run), labels=MODEL_LABELS,
+    return PredictionExplorer(load_predictions(run), regions_of(params), image_root(run),
+                              labels=model_labels(params["model"]),
                               coordinates=load_coordinates(run)).widget
 
 
@@ -720,7 +768,8 @@ def probe(run: RunDir, params: dict) -> tuple[dict, dict]:
                                                                 interventions)} if interventions else {}
     for name, result in results.items():
         made[f"06_region_drops_{name}"] = probing.region_drop_heatmap(
-            result["per_region"], regions, title=f"{MODEL_LABELS.get(name, name)}: accuracy drop per region")
+            result["per_region"], regions,
+            title=f"{model_labels(params['model']).get(name, name)}: accuracy drop per region")
     figures = {name: show(fig, run, name) for name, fig in made.items()}
     write_json(run.probing, doc)
     return doc, figures

@@ -79,3 +79,38 @@ def test_the_embedding_cache_keeps_backbone_families_apart(tmp_path):
     timm_cache = EmbeddingCache.for_model(tmp_path, timm_model, timm_pre, device, TIMM_TINY)
     assert clip_cache.directory != timm_cache.directory
     assert '"family": "image-only"' in (timm_cache.directory / "meta.json").read_text()
+
+
+def test_the_backbone_rules_mirror_the_model_and_training_modules():
+    from lageo_utils import backbones, model
+    from lageo_utils.training import config
+
+    assert backbones.IMAGE_ONLY_PREFIX == model.TIMM_PREFIX
+    assert backbones.TEXT_STRATEGIES == config.TEXT_STRATEGIES
+    assert backbones.is_image_only(TIMM_TINY) and not backbones.is_image_only("lageo-tiny")
+
+
+def test_an_image_only_run_skips_the_text_side_methods_and_says_why():
+    from lageo_utils.backbones import frozen_methods, skipped_markdown, skipped_methods, trained_strategies
+    from lageo_utils.params import defaults
+    from lageo_utils.runs import absent_files
+
+    clip = {**defaults(), "model": "lageo-tiny", "strategies": ["zeroshot", "linear_probe", "partial"]}
+    assert skipped_methods(clip) == {} and skipped_markdown({}) == "" and absent_files(clip) == set()
+    assert trained_strategies(clip) == ["zeroshot", "linear_probe", "partial"]
+    assert frozen_methods(clip) == ["centroid", "expected", "retrieval", "region_retrieval", "geocell"]
+
+    timm = {**clip, "model": TIMM_TINY}
+    assert trained_strategies(timm) == ["linear_probe", "partial"]
+    assert frozen_methods(timm) == ["retrieval", "geocell"]
+    skipped = skipped_methods(timm)
+    assert list(skipped) == ["zero-shot classification (step 02)", "prompt variants (name, seed, visual, ensemble)",
+                             "centroid, expected, region_retrieval before fine-tuning", "strategies zeroshot",
+                             "WiSE-FT"]
+    assert skipped_markdown(skipped).startswith("> **Text-side methods skipped: zero-shot classification (step 02)")
+    assert absent_files(timm) == {"predictions_zeroshot.parquet", "classification_report_zeroshot.txt"}
+    linear_only = {**timm, "strategies": ["linear_probe"], "geo_methods": ["centroid", "expected"], "prompt_variants": []}
+    assert list(skipped_methods(linear_only)) == ["zero-shot classification (step 02)",
+                                                  "centroid, expected before fine-tuning"]  # no WiSE-FT to skip
+    assert frozen_methods(linear_only) == [] and {"locator/zeroshot", "coordinates_zeroshot.parquet"} <= absent_files(
+        linear_only)

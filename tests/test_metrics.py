@@ -265,3 +265,14 @@ def test_trained_untrained_breakdown_matches_a_direct_count():
     table.attrs["temperature"] = 2.0
     summary = calibration_summary(table)
     assert summary["temperature"] == 2.0 and summary["ece_uncalibrated"] > summary["ece"]
+
+
+def test_metrics_json_without_a_zero_shot_model():
+    """An image-only backbone has no zero-shot predictions: the fine-tuned model only, no comparison."""
+    finetuned = random_preds(40, 0.7, seed=6)
+    doc = metrics_json(None, finetuned, SMALL_REGIONS, {}, {"train": 10, "val": 2, "test": 40}, n_boot=20)
+    assert "zeroshot" not in doc and "comparison" not in doc
+    assert M_KEYS <= set(doc["finetuned"]) and doc["bootstrap"]["resampled"] == "location_id"
+    with_zeroshot = metrics_json(random_preds(40, 0.3, seed=6), finetuned, SMALL_REGIONS, {},
+                                 {"train": 10, "val": 2, "test": 40}, n_boot=20)
+    assert doc["finetuned"] == with_zeroshot["finetuned"] and doc["bootstrap"] == with_zeroshot["bootstrap"]

@@ -241,9 +241,17 @@ def test_lageo_run_refuses_a_region_file_without_descriptions(outputs, tmp_path,
     assert not outputs.exists()
 
 
-def test_lageo_run_refuses_unknown_training_regions_and_image_only_backbones(outputs, capsys):
+def test_lageo_run_refuses_unknown_training_regions_and_only_text_side_strategies_on_image_only_backbones(
+        outputs, capsys):
     assert main(["run", "--profile", "demo", "-p", "train_regions", "downtown_la,atlantis"]) == 2
     assert "train_regions ['atlantis'] are not in the region file" in capsys.readouterr().err
-    assert main(["run", "--profile", "demo", "-p", "model", "timm:lageo-tiny-dinov2"]) == 2
-    assert "is image-only: the pipeline's zero-shot step needs CLIP" in capsys.readouterr().err
+    assert main(["run", "--profile", "demo", "-p", "model", "timm:lageo-tiny-dinov2", "-p", "strategies",
+                 "zeroshot,contrastive"]) == 2
+    assert ("'timm:lageo-tiny-dinov2' is image-only (no text tower) and strategies ['zeroshot', 'contrastive'] are "
+            "all text-side: choose at least one of linear_probe, partial, lora, full") in capsys.readouterr().err
+    # image-only weights are checked before any work, as CLIP's are (the tests run with HF_HUB_OFFLINE)
+    assert main(["run", "--profile", "demo", "-p", "model", "timm:vit_small_patch14_dinov2", "-p", "pretrained",
+                 "lvd142m"]) == 2
+    err = capsys.readouterr().err
+    assert "Weights for 'timm:vit_small_patch14_dinov2' are unavailable" in err and "Fix it in one of two ways" in err
     assert not outputs.exists()

@@ -72,6 +72,7 @@ def _predict(args) -> int:
 def _predict_from_run(args) -> int:
     """Coordinates from a run: its model (zero-shot or the best fine-tuned checkpoint) and its locator."""
     from lageo_utils.images import ImageReadError
+    from lageo_utils.predict import GeoPredictor
 
     model = args.model or "finetuned"
     if model not in RUN_MODELS:
@@ -87,7 +88,9 @@ def _predict_from_run(args) -> int:
         except ImageReadError as exc:
             results.append({"image": image, "error": exc.reason})
             continue
-        answers = locator.answer(args.method, embedding, predictor.probabilities(embedding))
+        # An image-only backbone's frozen (zeroshot) model has no region head: embedding methods only.
+        probabilities = predictor.probabilities(embedding) if isinstance(predictor, GeoPredictor) else None
+        answers = locator.answer(args.method, embedding, probabilities)
         result = {"image": image, "method": args.method, "model": model, "lat": float(answers.lat[0]),
                   "lon": float(answers.lon[0]), "confidence": float(answers.confidence[0])}
         if answers.region is not None:
@@ -106,10 +109,11 @@ def _predict_from_run(args) -> int:
 def _run_model(run_dir: str, model: str, method: str, device: str):
     """The run's predictor for ``model``, its fitted locator and its image root (gallery paths are relative to it);
     ``CommandError`` says what the run lacks."""
+    from lageo_utils.backbones import is_image_only
     from lageo_utils.checkpoints import CheckpointError
     from lageo_utils.geolocate import load_locator
     from lageo_utils.model import WeightsUnavailableError
-    from lageo_utils.predict import GeoPredictor, load_finetuned
+    from lageo_utils.predict import GeoPredictor, ImageEncoder, load_finetuned
     from lageo_utils.regions import RegionsError
     from lageo_utils.runs import RunError, read_params, resolve_run_dir
     from lageo_utils.steps import finetuned_checkpoint, image_root, load_model, regions_of, zero_shot_temperature
@@ -126,12 +130,19 @@ def _run_model(run_dir: str, model: str, method: str, device: str):
                            "run `lageo run` again (or that notebook on the run)")
     try:
         locator = load_locator(run.locator(model))
-        if method not in ("centroid", *locator.settings()):
-            raise CommandError(f"method {method!r} was not fitted in {run} (its geo_methods: "
-                               f"{params.get('geo_methods')}); choose one of centroid, {', '.join(locator.settings())}")
+        frozen = model == "zeroshot" and is_image_only(params["model"])  # an image encoder without a region head
+        answerable = [*([] if frozen else ["centroid"]), *locator.settings()]
+        if method not in answerable:
+            why = (f"the {model} model of this image-only run ({params['model']}) has no region head, so it answers "
+                   "from embeddings alone; --model finetuned answers every method" if frozen
+                   else f"it was not fitted in {run} (its geo_methods: {params.get('geo_methods')})")
+            raise CommandError(f"method {method!r}: {why}; choose one of {', '.join(answerable)}")
         regions = regions_of(params)
         params = {**params, "device": device}
-        if model == "zeroshot":
+        if frozen:
+            backbone, preprocess, _ = load_model(params)
+            predictor = ImageEncoder(backbone, preprocess, device=device, model_name=params["model"])
+        elif model == "zeroshot":
             clip_model, preprocess, tokenizer = load_model(params)
             predictor = GeoPredictor(clip_model, preprocess, tokenizer, regions, device=device,
                                      model_name=params["model"], temperature=zero_shot_temperature(run))
