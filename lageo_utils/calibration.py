@@ -16,7 +16,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 def fit_temperature(logits, labels, max_iter: int = 200) -> float:
     """The temperature that minimises the negative log-likelihood of ``labels`` under ``softmax(logits / T)``."""
     logits = torch.as_tensor(np.array(logits, dtype=np.float64))  # a copy: the caller's array may be read-only
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    labels = torch.as_tensor(np.array(labels, dtype=np.int64))
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError(f"need (n, classes) logits and n labels, got {tuple(logits.shape)} and {len(labels)}")
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
