@@ -209,6 +209,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("embed_batch_size", int, 64, "images per forward pass when computing cached embeddings", "training",
           low=1),
     Param("seed", int, 42, "seed of model initialisation, training and the bootstrap", "training", low=0),
+    Param("nproc", int, 1, "training processes, one per GPU: above 1, step 03 trains through torchrun "
+          "--nproc_per_node N (DistributedDataParallel; batch_size is the global batch)", "training", low=1),
     # strategies side by side
     Param("strategies", list, None, "strategies trained one after another and compared (the first is the "
           "'finetuned' model); none: just strategy", "strategies", choices=STRATEGIES, item_kind=str, optional=True),
