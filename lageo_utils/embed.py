@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lageo_utils.files import atomic_write
 from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
-from lageo_utils.model import autocast, has_text_tower, resolve_device, weights_identity
+from lageo_utils.model import autocast, autocast_dtype, has_text_tower, resolve_device, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,5 @@ class EmbeddingCache:
 
 
 def _precision(device: torch.device) -> str:
-    if device.type != "cuda":
-        return f"{device.type}-float32"
-    return "cuda-autocast-bfloat16" if torch.cuda.is_bf16_supported() else "cuda-autocast-float16"
+    dtype = autocast_dtype(device)
+    return f"{device.type}-float32" if dtype is None else f"{device.type}-autocast-{str(dtype).removeprefix('torch.')}"

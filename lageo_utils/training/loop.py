@@ -37,7 +37,7 @@ from lageo_utils.checkpoints import (
 )
 from lageo_utils.files import atomic_write
 from lageo_utils.images import collate_skip_failures, default_num_workers
-from lageo_utils.model import autocast, has_text_tower, load_model, resolve_device, weights_identity
+from lageo_utils.model import autocast, autocast_dtype, has_text_tower, load_model, resolve_device, weights_identity
 from lageo_utils.params import ParamError
 from lageo_utils.predict import RegionClassifier, load_classifier_state
 from lageo_utils.prompts import encode_region_texts
@@ -272,8 +272,8 @@ def _optimizer(classifier: RegionClassifier, config: TrainConfig, total_steps: i
 
 
 def _needs_grad_scaler(device: torch.device) -> bool:
-    """float16 autocast (CUDA without bfloat16) needs loss scaling; bfloat16 and CPU do not."""
-    return device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    """float16 autocast (CUDA without bfloat16) needs loss scaling; bfloat16 and float32 do not."""
+    return device.type == "cuda" and autocast_dtype(device) == torch.float16
 
 
 def _workers(config: TrainConfig, data: TrainData) -> int:
