@@ -243,7 +243,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 
 def unknown_name_message(name: str) -> str:
     """'unknown parameter' with the closest valid names."""
-    close = difflib.get_close_matches(name, PARAMS, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, PARAMS, n=3, cutoff=0.7)  # 0.6 offered 'nproc' for 'epoch'
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown parameter {name!r}{hint} (`lageo params` lists them all)"
 
