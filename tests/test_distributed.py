@@ -68,12 +68,12 @@ def data(tmp_path_factory, regions):
     return SimpleNamespace(run=run, images=images, regions=four)
 
 
-def train_here(data, out: Path, **kwargs):
-    return train(data.run.split("train"), data.run.split("val"), data.regions, data.images, out, CONFIG,
+def train_here(data, out: Path, config: TrainConfig = CONFIG, **kwargs):
+    return train(data.run.split("train"), data.run.split("val"), data.regions, data.images, out, config,
                  device="cpu", **kwargs)
 
 
-def train_rank(data, out: Path, kill_at: tuple[int, int] | None, resume: bool) -> None:
+def train_rank(data, out: Path, config: TrainConfig, kill_at: tuple[int, int] | None, resume: bool) -> None:
     """One forked torchrun worker; process 1 kills itself at ``kill_at`` (epoch, batch), mid-epoch."""
     torch.set_num_threads(1)
 
@@ -81,13 +81,14 @@ def train_rank(data, out: Path, kill_at: tuple[int, int] | None, resume: bool) -
         if (epoch, batch) == kill_at and os.environ["RANK"] == "1":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train_here(data, out, resume=resume, on_step=die)
+    train_here(data, out, config, resume=resume, on_step=die)
 
 
-def launch_two(data, out: Path, kill_at: tuple[int, int] | None = None, resume: bool = False) -> None:
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+def launch_two(data, out: Path, config: TrainConfig = CONFIG, kill_at: tuple[int, int] | None = None,
+               resume: bool = False) -> None:
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, start_method="fork", monitor_interval=0.1)
-    elastic_launch(config, train_rank)(data, out, kill_at, resume)
+    elastic_launch(launch, train_rank)(data, out, config, kill_at, resume)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,10 @@ def assert_same_training(a: Path, b: Path) -> None:
     pd.testing.assert_frame_equal(history_a, history_b, rtol=1e-3)
     state_a, state_b = (load_checkpoint(p / "best.pt") for p in (a, b))
     assert state_a["epoch"] == state_b["epoch"] and state_a["model"].keys() == state_b["model"].keys()
-    assert state_a["failures"] == state_b["failures"] == {"train/unreadable.png": "not an image (unrecognised format)"}
+    summary_a, summary_b = (json.loads((p / "train_summary.json").read_text()) for p in (a, b))
+    assert summary_a["skipped_images"] == summary_b["skipped_images"] == [
+        {"image_path": "train/unreadable.png", "reason": "not an image (unrecognised format)"}]
+    assert summary_a["best_val_acc"] == summary_b["best_val_acc"]
     for name, tensor in state_a["model"].items():
         torch.testing.assert_close(tensor, state_b["model"][name], rtol=1e-3, atol=1e-4)
 
@@ -124,8 +128,6 @@ def test_two_processes_train_like_one_with_the_same_global_batch(data, two_proce
     one = train_here(data, tmp_path / "one")
     assert one.summary["n_train"] == 24 and one.summary["epochs_run"] == 2
     assert_same_training(tmp_path / "one", two_processes)
-    summary = json.loads((two_processes / "train_summary.json").read_text())
-    assert summary["best_val_acc"] == one.summary["best_val_acc"]
 
 
 def test_a_killed_rank_resumes_to_the_uninterrupted_result(data, two_processes, tmp_path):
@@ -135,6 +137,16 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(data, two_processes, 
     launch_two(data, tmp_path, resume=True)
     assert_same_training(tmp_path, two_processes)
     assert json.loads((tmp_path / "train_summary.json").read_text())["resumed_from_epoch"] == 1
+
+
+def test_two_processes_embed_their_shares_into_one_cache_and_train_the_head_like_one(data, tmp_path):
+    config = TrainConfig(strategy="linear_probe", model_name="lageo-tiny", pretrained=None, epochs=2, lr=0.5,
+                         batch_size=8, embed_batch_size=4, num_workers=0)
+    launch_two(data, tmp_path / "two", config)
+    (cache,) = (tmp_path / "two" / "embedding_cache").iterdir()
+    assert len(pd.read_parquet(cache / "index.parquet")) == 24 + 8  # every readable image, from both processes
+    train_here(data, tmp_path / "one", config)
+    assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
 def test_notebook_03s_torchrun_command_carries_the_whole_config(data, step_params):
