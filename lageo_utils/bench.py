@@ -24,7 +24,7 @@ from lageo_utils.checkpoints import seed_everything
 from lageo_utils.embed import embed_paths
 from lageo_utils.geolocate import NeighbourIndex
 from lageo_utils.images import default_num_workers, open_rgb
-from lageo_utils.model import autocast, load_clip, resolve_device
+from lageo_utils.model import autocast, autocast_dtype, load_clip, resolve_device
 from lageo_utils.predict import RegionClassifier
 from lageo_utils.prompts import encode_region_texts
 from lageo_utils.regions import load_regions
@@ -47,9 +47,11 @@ def benchmark_embed(
     Writes ``images`` synthetic 640 x 640 JPEGs (street-view-like file sizes) to a temporary
     folder; the raw figure is the forward pass alone on already-preprocessed tensors (one batch
     of them, reused until ``images`` were processed), normalised and copied back like the pipeline's.
+    Forward passes run at the precision in effect (``lageo_utils.model.precision``; reported).
     """
     target = resolve_device(device)
     model, preprocess, _ = load_clip(model_name, pretrained, device=target)
+    _reset_peak_gpu_memory(target)
     workers = default_num_workers(num_workers)
     with tempfile.TemporaryDirectory(prefix="lageo-bench-") as tmp:
         paths = write_test_jpegs(Path(tmp) / "images", images)
@@ -71,6 +73,7 @@ def benchmark_embed(
     return {
         "model": model_name,
         "device": str(target),
+        "precision": _precision_name(target),
         "images": images,
         "raw_model_img_s": round(images / raw_s, 2),
         "pipeline_img_s": round(images / pipeline_s, 2),
@@ -79,6 +82,7 @@ def benchmark_embed(
         "cache_speedup": round(pipeline_s / cached_s, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": _peak_gpu_mb(target),
         "batch_size": batch_size,
         "num_workers": workers,
         "torch_threads": torch.get_num_threads(),
@@ -125,6 +129,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _precision_name(device: torch.device) -> str:
+    """What forward passes run at on ``device``: float32, or the autocast dtype."""
+    dtype = autocast_dtype(device)
+    return "float32" if dtype is None else f"autocast-{str(dtype).removeprefix('torch.')}"
+
+
+def _reset_peak_gpu_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gpu_mb(device: torch.device) -> float | None:
+    """Peak memory torch allocated on the GPU since the last reset (None off CUDA)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+
+
 def benchmark_train(
     model_name: str = "ViT-B-32",
     pretrained: str | None = None,
@@ -156,8 +176,7 @@ def benchmark_train(
     region_ids = [str(r) for r in regions["id"]]
     class_embeddings = encode_region_texts(model, tokenizer, regions, device=target)
     logit_scale = float(model.logit_scale.exp().item())
-    if target.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(target)
+    _reset_peak_gpu_memory(target)
     with tempfile.TemporaryDirectory(prefix="lageo-bench-train-") as tmp:
         if strategy in EMBEDDING_STRATEGIES:
             train_data = _synthetic_embeddings(class_embeddings.cpu(), images, seed=0)
@@ -191,6 +210,7 @@ def benchmark_train(
     return {
         "model": model_name,
         "device": str(target),
+        "precision": _precision_name(target),
         "strategy": strategy,
         "images": images,
         "epochs_timed": config.epochs if on_embeddings else 1,
@@ -199,7 +219,7 @@ def benchmark_train(
         "train_img_s": round(trained / seconds, 1),
         "trainable_params": trainable,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(target) / 2**20, 1) if target.type == "cuda" else None,
+        "peak_gpu_mb": _peak_gpu_mb(target),
         "num_workers": default_num_workers(config.num_workers) if train_data.images else 0,
         "torch_threads": torch.get_num_threads(),
     }

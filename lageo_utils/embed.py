@@ -7,6 +7,8 @@ image's embedding is stored under the hash of its bytes, in a cache directory pe
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lageo_utils.files import atomic_write
 from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
-from lageo_utils.model import autocast, has_text_tower, resolve_device, weights_identity
+from lageo_utils.model import autocast, autocast_dtype, has_text_tower, resolve_device, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +200,10 @@ def _result(paths: list[str], ok_rows: list[int], vectors: list[np.ndarray], fai
 class EmbeddingCache:
     """One model's embeddings by image content hash: ``shard-*.npy`` arrays and an ``index.parquet``.
 
-    Files are written to a temporary name and renamed, so a reader never sees half a file;
-    two processes filling the same cache at once may each lose the other's index entries
-    (those images are then computed again), never corrupt it.
+    Files are written to a temporary name and renamed, so a reader never sees half a file, and
+    processes filling the same cache at once (``torchrun`` ranks, each embedding its share) take
+    turns extending the index (a lock on the cache directory), so none loses another's entries
+    or reads it half-replaced.
     """
 
     def __init__(self, directory: Path, meta: dict):
@@ -228,7 +231,8 @@ class EmbeddingCache:
 
     def lookup(self, digests: set[str]) -> dict[str, np.ndarray]:
         """Stored embeddings for the given content hashes (missing ones are simply absent)."""
-        index = self._index()
+        with self._locked(fcntl.LOCK_SH):
+            index = self._index()
         wanted = index[index["digest"].isin(digests)]
         found = {}
         for shard, part in wanted.groupby("shard", sort=False):
@@ -244,8 +248,19 @@ class EmbeddingCache:
         shard = f"shard-{hashlib.sha256(''.join(digests).encode()).hexdigest()[:16]}.npy"
         atomic_write(self.directory / shard, lambda tmp: np.save(tmp, vectors.astype(np.float32, copy=False)))
         added = pd.DataFrame({"digest": digests, "shard": shard, "row": np.arange(len(digests))})
-        index = pd.concat([self._index(), added], ignore_index=True).drop_duplicates("digest", keep="last")
-        atomic_write(self.directory / INDEX_FILE, lambda tmp: index.to_parquet(tmp, index=False))
+        with self._locked(fcntl.LOCK_EX):
+            index = pd.concat([self._index(), added], ignore_index=True).drop_duplicates("digest", keep="last")
+            atomic_write(self.directory / INDEX_FILE, lambda tmp: index.to_parquet(tmp, index=False))
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int):
+        """A lock on the cache directory (``fcntl.LOCK_SH`` to read the index, ``LOCK_EX`` to extend it)."""
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            fcntl.flock(directory, mode)  # released when the descriptor closes
+            yield
+        finally:
+            os.close(directory)
 
     def _index(self) -> pd.DataFrame:
         path = self.directory / INDEX_FILE
@@ -256,6 +271,5 @@ class EmbeddingCache:
 
 
 def _precision(device: torch.device) -> str:
-    if device.type != "cuda":
-        return f"{device.type}-float32"
-    return "cuda-autocast-bfloat16" if torch.cuda.is_bf16_supported() else "cuda-autocast-float16"
+    dtype = autocast_dtype(device)
+    return f"{device.type}-float32" if dtype is None else f"{device.type}-autocast-{str(dtype).removeprefix('torch.')}"

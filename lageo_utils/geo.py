@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from sklearn.neighbors import BallTree
 
 EARTH_RADIUS_KM = 6371.0088  # IUGG mean Earth radius
 DEFAULT_THRESHOLDS_KM = (1, 5, 10, 25)
@@ -29,6 +28,8 @@ def nearest_km(query_lat, query_lon, ref_lat, ref_lon) -> tuple[np.ndarray, np.n
         raise ValueError("nearest_km needs at least one reference point")
     if len(query) == 0:
         return np.empty(0), np.empty(0, dtype=int)
+    from sklearn.neighbors import BallTree  # here: scikit-learn takes seconds to import (`lageo train` needs none)
+
     dist, idx = BallTree(ref, metric="haversine").query(query, k=1)
     return dist[:, 0] * EARTH_RADIUS_KM, idx[:, 0]
 

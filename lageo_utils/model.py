@@ -8,6 +8,7 @@ the tests and the offline demo do with the shipped ``lageo-tiny`` config.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import hashlib
 import logging
@@ -50,12 +51,39 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+# Precision of forward passes: auto (CUDA: bfloat16 autocast where supported, else float16; elsewhere float32),
+# or one for every device (`lageo bench embed --precision`, the GPU tests' comparisons).
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_precision: contextvars.ContextVar[str] = contextvars.ContextVar("lageo_precision", default="auto")
+
+
+@contextlib.contextmanager
+def precision(name: str):
+    """Run forward passes (``autocast``) at ``name``, one of ``PRECISIONS``, inside the block."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    token = _precision.set(name)
+    try:
+        yield
+    finally:
+        _precision.reset(token)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``autocast`` runs at on ``device``; None: float32, no autocast."""
+    name = _precision.get()
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None if name == "fp32" else PRECISIONS[name]
+
+
 def autocast(device: torch.device):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere, unless ``precision``
+    says otherwise."""
+    dtype = autocast_dtype(device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def normalize_pretrained(pretrained: str | os.PathLike | None) -> str | None:

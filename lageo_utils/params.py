@@ -212,6 +212,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("embed_batch_size", int, 64, "images per forward pass when computing cached embeddings", "training",
           low=1),
     Param("seed", int, 42, "seed of model initialisation, training and the bootstrap", "training", low=0),
+    Param("nproc", int, 1, "training processes, one per GPU: above 1, step 03 trains through torchrun "
+          "--nproc_per_node N (DistributedDataParallel; batch_size is the global batch)", "training", low=1),
     # strategies side by side
     Param("strategies", list, None, "strategies trained one after another and compared (the first is the "
           "'finetuned' model); none: just strategy", "strategies", choices=STRATEGIES, item_kind=str, optional=True),
@@ -260,7 +262,7 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
 
 def unknown_name_message(name: str) -> str:
     """'unknown parameter' with the closest valid names."""
-    close = difflib.get_close_matches(name, PARAMS, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, PARAMS, n=3, cutoff=0.7)  # 0.6 offered 'nproc' for 'epoch'
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown parameter {name!r}{hint} (`lageo params` lists them all)"
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -414,7 +417,7 @@ def finetune(run: RunDir, params: dict) -> dict:
     """
     from lageo_utils.checkpoints import load_checkpoint, save_checkpoint
     from lageo_utils.predict import load_finetuned, predictions_from_embeddings
-    from lageo_utils.training import TrainConfig, train
+    from lageo_utils.training import TrainConfig
 
     regions = regions_of(params)
     clip = load_model(params)
@@ -427,9 +430,7 @@ def finetune(run: RunDir, params: dict) -> dict:
         config = TrainConfig(strategy=strategy, model_name=params["model"], pretrained=params["pretrained"],
                              train_regions=params["train_regions"], **{name: params[name] for name in TRAIN_PARAMS})
         out = run.strategy_checkpoints(strategy)
-        result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), out, config,
-                       device=params["device"], cache_dir=embedding_cache_dir(), resume=(out / "last.pt").exists(),
-                       clip=clip)
+        result = train_strategy(run, params, config, regions, clip)
         predictor = load_finetuned(result.best_checkpoint, regions, device=params["device"], clip=clip)
         embedded = embed_splits(run, params, predictor)
         if params["train_regions"]:
@@ -506,6 +507,54 @@ def wise_ft_search(run: RunDir, params: dict, predictor, clip: tuple, strategy: 
 # Run parameters that TrainConfig takes under the same name.
 TRAIN_PARAMS = ("epochs", "lr", "batch_size", "grad_accum_steps", "weight_decay", "warmup_fraction", "max_grad_norm",
                 "unfreeze_blocks", "augment", "patience", "num_workers", "embed_batch_size", "seed")
+
+
+# --- 03: training in this process or on nproc processes (torchrun) --------------------------
+
+def train_strategy(run: RunDir, params: dict, config, regions, clip: tuple | None = None):
+    """Train ``config`` into ``checkpoints/<strategy>/`` (resuming there) and return its ``TrainResult``: in this
+    process, or with ``nproc`` above 1 on that many processes started by ``torchrun``, which write the same files
+    (read back here)."""
+    from lageo_utils.training import TrainResult, train
+
+    out = run.strategy_checkpoints(config.strategy)
+    resume = (out / "last.pt").exists()
+    nproc = params.get("nproc", 1)  # runs started before the parameter existed train in this process
+    if nproc == 1:
+        return train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), out, config,
+                     device=params["device"], cache_dir=embedding_cache_dir(), resume=resume, clip=clip)
+    command = torchrun_train_command(run, params, config, resume)
+    log.info("training %s on %d processes: %s", config.strategy, nproc, shlex.join(command))
+    returncode = subprocess.run(command, check=False).returncode
+    if returncode != 0:
+        raise RuntimeError(f"training {config.strategy} on {nproc} processes failed (torchrun exit code "
+                           f"{returncode}; its output is above): {shlex.join(command)}")
+    return TrainResult.read(out)
+
+
+def torchrun_train_command(run: RunDir, params: dict, config, resume: bool) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m lageo_utils.cli train ...`` for ``config`` on the run's
+    splits, through this Python (``-m torch.distributed.run``: the same environment, no PATH lookup)."""
+    if config.lora_targets is not None or config.templates is not None:
+        raise ValueError("lageo train has no option for lora_targets or templates: train in this process (nproc 1)")
+    options = {
+        "--strategy": config.strategy, "--model": config.model_name, "--pretrained": config.pretrained or "none",
+        "--epochs": config.epochs, "--lr": config.lr, "--batch-size": config.batch_size,
+        "--grad-accum": config.grad_accum_steps, "--weight-decay": config.weight_decay,
+        "--warmup-fraction": config.warmup_fraction,
+        "--max-grad-norm": "none" if config.max_grad_norm is None else config.max_grad_norm,
+        "--unfreeze-blocks": config.unfreeze_blocks, "--lora-rank": config.lora_rank,
+        "--lora-alpha": config.lora_alpha, "--lora-dropout": config.lora_dropout,
+        "--train-regions": ",".join(config.train_regions) if config.train_regions else None,
+        "--patience": config.patience, "--seed": config.seed, "--num-workers": config.num_workers,
+        "--embed-batch-size": config.embed_batch_size, "--splits": run, "--image-root": image_root(run),
+        "--regions": project_path(params["regions"]), "--out": run.strategy_checkpoints(config.strategy),
+        "--cache-dir": embedding_cache_dir(), "--device": params["device"],
+    }
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(params.get("nproc", 1)),
+            "-m", "lageo_utils.cli", "train",
+            *(part for name, value in options.items() if value is not None for part in (name, str(value))),
+            *(["--augment"] if config.augment else []), *(["--resume"] if resume else [])]
 
 
 # --- 04: evaluation ---------------------------------------------------------------------------

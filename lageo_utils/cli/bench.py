@@ -14,12 +14,15 @@ def register(subparsers) -> None:
     embed.add_argument("--batch-size", type=int, default=64)
     embed.add_argument("--num-workers", type=int, default=None)
     embed.add_argument("--device", default="auto")
+    embed.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="forward passes: auto (CUDA: bfloat16 autocast where supported; else float32), float32, "
+                       "or bfloat16/float16 autocast")
     embed.set_defaults(func=_embed)
 
     train = group.add_parser("train", help="training images/s and peak memory per strategy")
     train.add_argument("--model", default="ViT-B-32")
     train.add_argument("--pretrained", default="none")
-    train.add_argument("--strategy", default="partial")
+    train.add_argument("--strategy", default="partial", help="a strategy, or all (a JSON list, one per strategy)")
     train.add_argument("--images", type=int, default=64)
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--device", default="auto")
@@ -35,17 +38,23 @@ def register(subparsers) -> None:
 
 def _embed(args) -> int:
     from lageo_utils.bench import benchmark_embed
+    from lageo_utils.model import precision
 
-    print_json(benchmark_embed(model_name=args.model, pretrained=args.pretrained, images=args.images,
-                               batch_size=args.batch_size, num_workers=args.num_workers, device=args.device))
+    with precision(args.precision):
+        print_json(benchmark_embed(model_name=args.model, pretrained=args.pretrained, images=args.images,
+                                   batch_size=args.batch_size, num_workers=args.num_workers, device=args.device))
     return 0
 
 
 def _train(args) -> int:
     from lageo_utils.bench import benchmark_train
+    from lageo_utils.training.config import STRATEGIES
 
-    print_json(benchmark_train(model_name=args.model, pretrained=args.pretrained, strategy=args.strategy,
-                               images=args.images, batch_size=args.batch_size, device=args.device))
+    strategies = [s for s in STRATEGIES if s != "zeroshot"] if args.strategy == "all" else [args.strategy]
+    results = [benchmark_train(model_name=args.model, pretrained=args.pretrained, strategy=strategy,
+                               images=args.images, batch_size=args.batch_size, device=args.device)
+               for strategy in strategies]
+    print_json(results if args.strategy == "all" else results[0])
     return 0
 
 

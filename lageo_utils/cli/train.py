@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lageo_utils.cli import CommandError, print_json
@@ -28,15 +29,21 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--warmup-fraction", type=float, default=0.05,
+                        help="share of optimizer steps of linear warm-up before the cosine decay")
+    parser.add_argument("--max-grad-norm", default="1.0", help="gradient clipping norm, or none")
     parser.add_argument("--unfreeze-blocks", type=int, default=2, help="partial: trained transformer blocks")
     parser.add_argument("--lora-rank", type=int, default=8, help="lora: adapter rank")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="lora: adapter scaling numerator")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="lora: dropout on the adapters' input")
     parser.add_argument("--train-regions", default=None,
                         help="train and select on these regions only (comma-separated ids); evaluation keeps all")
     parser.add_argument("--augment", action="store_true", help="random resized crop and colour jitter")
     parser.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without gain")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--embed-batch-size", type=int, default=64,
+                        help="images per forward pass when computing cached embeddings")
     parser.add_argument("--regions", default=None, help="region file (default: the 15 LA County regions)")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/embedding_cache)")
     parser.add_argument("--device", default="auto")
@@ -44,12 +51,28 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_train)
 
 
+def config_from_args(args):
+    """The ``TrainConfig`` the arguments describe (checked against the run parameter schema)."""
+    from lageo_utils.training import TrainConfig
+
+    return TrainConfig(
+        strategy=args.strategy, model_name=args.model, pretrained=args.pretrained, epochs=args.epochs,
+        lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        grad_accum_steps=args.grad_accum, warmup_fraction=args.warmup_fraction,
+        max_grad_norm=None if args.max_grad_norm.strip().lower() == "none" else args.max_grad_norm,
+        unfreeze_blocks=args.unfreeze_blocks, augment=args.augment,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        train_regions=args.train_regions.split(",") if args.train_regions else None,
+        patience=args.patience, seed=args.seed, num_workers=args.num_workers, embed_batch_size=args.embed_batch_size,
+    )
+
+
 def _train(args) -> int:
     from lageo_utils.checkpoints import CheckpointError
     from lageo_utils.data import ManifestError
     from lageo_utils.model import WeightsUnavailableError
     from lageo_utils.regions import RegionsError, load_regions
-    from lageo_utils.training import TrainConfig, train
+    from lageo_utils.training import train
 
     splits = Path(args.splits)
     manifests = {name: splits / f"{name}.csv" for name in ("train", "val")}
@@ -59,20 +82,14 @@ def _train(args) -> int:
     if args.resume and not (Path(args.out) / "last.pt").is_file():
         raise CommandError(f"--resume: {Path(args.out) / 'last.pt'} does not exist (nothing to resume)")
     try:
-        config = TrainConfig(
-            strategy=args.strategy, model_name=args.model, pretrained=args.pretrained, epochs=args.epochs,
-            lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-            grad_accum_steps=args.grad_accum, unfreeze_blocks=args.unfreeze_blocks, augment=args.augment,
-            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-            train_regions=args.train_regions.split(",") if args.train_regions else None,
-            patience=args.patience, seed=args.seed, num_workers=args.num_workers,
-        )
         result = train(
-            manifests["train"], manifests["val"], load_regions(args.regions), args.image_root, args.out, config,
-            device=args.device, cache_dir=args.cache_dir, resume=args.resume,
+            manifests["train"], manifests["val"], load_regions(args.regions), args.image_root, args.out,
+            config_from_args(args), device=args.device, cache_dir=args.cache_dir, resume=args.resume,
         )
     except (ValueError, ManifestError, RegionsError, CheckpointError, WeightsUnavailableError) as exc:
         raise CommandError(str(exc)) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: process 0 prints the summary
+        return 0
     keys = ("strategy", "epochs_run", "best_epoch", "best_val_acc", "zeroshot_val_acc", "stopped_early")
     print_json({**{k: result.summary[k] for k in keys}, "out": str(result.out_dir),
                 "skipped_images": len(result.summary["skipped_images"])})

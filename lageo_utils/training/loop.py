@@ -37,7 +37,7 @@ from lageo_utils.checkpoints import (
 )
 from lageo_utils.files import atomic_write
 from lageo_utils.images import collate_skip_failures, default_num_workers
-from lageo_utils.model import autocast, has_text_tower, load_model, resolve_device, weights_identity
+from lageo_utils.model import autocast, autocast_dtype, has_text_tower, load_model, resolve_device, weights_identity
 from lageo_utils.params import ParamError
 from lageo_utils.predict import RegionClassifier, load_classifier_state
 from lageo_utils.prompts import encode_region_texts
@@ -49,7 +49,14 @@ from lageo_utils.training.config import (
     TrainConfig,
 )
 from lageo_utils.training.data import TrainData, checked_manifest, collate_embeddings, frame_hash
-from lageo_utils.training.distributed import ONE, GlobalBatchSampler, Processes, from_environment
+from lageo_utils.training.distributed import (
+    ONE,
+    GlobalBatchSampler,
+    Processes,
+    Trainee,
+    from_environment,
+    sync_unless,
+)
 from lageo_utils.training.embedding import embedding_data_factory
 from lageo_utils.training.encoder import image_data, train_transform, trainable_encoder
 
@@ -71,6 +78,15 @@ class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
 
+    @classmethod
+    def read(cls, out_dir: str | os.PathLike) -> TrainResult:
+        """What a finished run wrote into ``out_dir`` (e.g. ``torchrun`` processes started elsewhere)."""
+        out = Path(out_dir)
+        summary = out / SUMMARY
+        if not summary.is_file():
+            raise FileNotFoundError(f"{summary}: no training summary (the run did not finish)")
+        return cls(json.loads(summary.read_text()), pd.read_csv(out / HISTORY), out, out / BEST, out / LAST)
+
 
 @dataclass
 class _Run:
@@ -86,6 +102,7 @@ class _Run:
     base_identity: str
     data_hashes: dict
     optimizer: torch.optim.Optimizer | None = None
+    trainee: torch.nn.Module | None = None  # the training forward; in DistributedDataParallel on several processes
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     scaler: torch.amp.GradScaler | None = None
     history: list[dict] = field(default_factory=list)
@@ -130,10 +147,11 @@ def train(
     ``on_step(epoch, batch)`` is called after every training batch (progress, tests).
 
     Started by ``torchrun --nproc_per_node N``, every process trains on its slice of each global
-    batch (see ``training.distributed``) and process 0 writes the files.
+    batch through DistributedDataParallel (see ``training.distributed``) and process 0 writes the files.
     """
     config = config or TrainConfig()
-    processes = from_environment()
+    target = resolve_device(device)
+    processes = from_environment(target)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(out / LAST) if resume else None
@@ -142,7 +160,7 @@ def train(
     with deterministic():
         seed_everything(config.seed)
         run = _prepare_run(
-            train_manifest, val_manifest, regions, image_root, out, config, processes.device(resolve_device(device)),
+            train_manifest, val_manifest, regions, image_root, out, config, processes.device(target),
             Path(cache_dir) if cache_dir is not None else out / "embedding_cache", clip, checkpoint, processes,
         )
         if checkpoint is None:
@@ -224,6 +242,8 @@ def new_run(config, classifier, region_ids, train, val, device, out, base_identi
         if len(train.labels) == 0:
             raise ValueError("the training split has no readable images")
         run.optimizer, run.scheduler = _optimizer(classifier, config, _steps_per_epoch(run) * config.epochs)
+        trained = [p for group in run.optimizer.param_groups for p in group["params"]]
+        run.trainee = processes.parallel(Trainee(run.classifier, trained, train.images), device)
         run.scaler = torch.amp.GradScaler("cuda", enabled=_needs_grad_scaler(device))
     return run
 
@@ -252,8 +272,8 @@ def _optimizer(classifier: RegionClassifier, config: TrainConfig, total_steps: i
 
 
 def _needs_grad_scaler(device: torch.device) -> bool:
-    """float16 autocast (CUDA without bfloat16) needs loss scaling; bfloat16 and CPU do not."""
-    return device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    """float16 autocast (CUDA without bfloat16) needs loss scaling; bfloat16 and float32 do not."""
+    return device.type == "cuda" and autocast_dtype(device) == torch.float16
 
 
 def _workers(config: TrainConfig, data: TrainData) -> int:
@@ -262,17 +282,14 @@ def _workers(config: TrainConfig, data: TrainData) -> int:
 
 def _loader(run: _Run, data: TrainData, shuffle: bool, epoch: int) -> DataLoader:
     # The shuffle order is fixed by (seed, epoch), so a resumed epoch repeats it; every process draws the same one and
-    # takes its slice of each global batch. Validation: every process sees all images, in order. Workers are seeded
-    # from the generator (torch seeds random, numpy and torch in each worker from the loader's base seed).
+    # takes its slice of each global batch. Validation: the data in order, each process its slice of each batch.
+    # Workers are seeded from the generator (torch seeds random, numpy and torch in each worker from the loader's
+    # base seed).
     seed = run.config.seed * 1_000_003 + epoch
-    if shuffle:
-        batches = GlobalBatchSampler(len(data.labels), run.config.batch_size, run.processes, seed)
-    else:
-        batches = GlobalBatchSampler(len(data.labels), max(run.config.batch_size, run.config.embed_batch_size), ONE,
-                                     None)
+    batch_size = run.config.batch_size if shuffle else max(run.config.batch_size, run.config.embed_batch_size)
     return DataLoader(
         data.dataset,
-        batch_sampler=batches,
+        batch_sampler=GlobalBatchSampler(len(data.labels), batch_size, run.processes, seed if shuffle else None),
         generator=torch.Generator().manual_seed(seed),
         num_workers=_workers(run.config, data),
         collate_fn=collate_skip_failures if data.images else collate_embeddings,
@@ -296,9 +313,9 @@ def _batches(run: _Run, data: TrainData, loader: DataLoader):
         yield inputs.to(run.device, non_blocking=True), labels
 
 
-def _logits(run: _Run, inputs: torch.Tensor, images: bool) -> torch.Tensor:
+def _logits(run: _Run, model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
     with autocast(run.device):
-        logits = run.classifier(inputs) if images else run.classifier.classify(inputs)
+        logits = model(inputs)
     return logits.float()
 
 
@@ -325,16 +342,21 @@ def train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
         here = len(labels) if inputs is not None else 0
         # The global batch's readable images: the loss is their mean, whichever process holds them.
         readable = here if processes.world == 1 else int(processes.sum_(torch.tensor(float(here))).item())
-        if here:
-            logits = _logits(run, inputs, data.images)[:, train_classes]
-            loss = F.cross_entropy(logits, remap[labels], reduction="sum")
-            run.scaler.scale(loss / (readable * config.grad_accum_steps)).backward()
-            total += loss.detach()
-            count += here
-            if i % 10 == 0:
-                progress.set_postfix(loss=f"{total.item() / count:.4f}")
         pending += bool(readable)
-        if pending and ((i + 1) % config.grad_accum_steps == 0 or i + 1 == len(loader)):
+        step = bool(pending) and ((i + 1) % config.grad_accum_steps == 0 or i + 1 == len(loader))
+        with sync_unless(not step, run.trainee):
+            if here:
+                logits = _logits(run, run.trainee, inputs)[:, train_classes]
+                loss = F.cross_entropy(logits, remap[labels], reduction="sum")
+                # DDP averages the processes' gradients: times world, their summed losses make the global mean.
+                run.scaler.scale(loss * processes.world / (readable * config.grad_accum_steps)).backward()
+                total += loss.detach()
+                count += here
+                if i % 10 == 0:
+                    progress.set_postfix(loss=f"{total.item() / count:.4f}")
+            elif step and processes.world > 1:
+                run.scaler.scale(run.trainee(None)).backward()  # joins the step's all-reduce (see Trainee)
+        if step:
             _optimizer_step(run)
             pending = 0
         if on_step is not None:
@@ -346,7 +368,7 @@ def train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
 
 
 def _optimizer_step(run: _Run) -> None:
-    run.processes.sum_gradients([p for group in run.optimizer.param_groups for p in group["params"]])
+    """Clip, step and schedule on the gradients (averaged over the processes by DDP in the last backward)."""
     if run.config.max_grad_norm is not None:
         run.scaler.unscale_(run.optimizer)
         params = [p for group in run.optimizer.param_groups for p in group["params"]]
@@ -362,13 +384,19 @@ def _validation_logits(run: _Run, epoch: int) -> tuple[torch.Tensor, torch.Tenso
     """Logits and labels of every readable validation image (all regions), on the CPU."""
     data = run.val
     run.classifier.eval()
+    model = run.classifier if data.images else run.classifier.classify
     logits, labels = [], []
     loader = _loader(run, data, shuffle=False, epoch=epoch)
     for inputs, batch_labels in tqdm(_batches(run, data, loader), total=len(loader), desc="validation", leave=False,
                                      disable=not run.processes.main):
         if inputs is not None:
-            logits.append(_logits(run, inputs, data.images).cpu())
+            logits.append(_logits(run, model, inputs).cpu())
             labels.append(batch_labels.cpu())
+    # Each process validated its slice of each batch; all of them get every slice (in rank order, not the data's:
+    # the loss, accuracy and temperature do not depend on it) and so take the same decisions.
+    gathered = run.processes.gather((logits, labels))
+    logits = [batch for process_logits, _ in gathered for batch in process_logits]
+    labels = [batch for _, process_labels in gathered for batch in process_labels]
     if not logits:
         raise ValueError("the validation split has no readable images")
     return torch.cat(logits), torch.cat(labels)
@@ -559,8 +587,7 @@ def _finish(run: _Run) -> TrainResult:
         (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
         _write_history(run)
     run.processes.barrier()  # the others read what process 0 wrote
-    return TrainResult(summary, pd.read_csv(run.out_dir / HISTORY), run.out_dir, run.out_dir / BEST,
-                       run.out_dir / LAST)
+    return TrainResult.read(run.out_dir)
 
 
 def _readable(data: TrainData | None, skipped: dict) -> int:
