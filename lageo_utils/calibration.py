@@ -13,10 +13,16 @@ import torch.nn.functional as F
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 
+def _copy(values, dtype: torch.dtype) -> torch.Tensor:
+    """A writable copy as a tensor (the caller's array may be read-only; a tensor is copied without numpy)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu", dtype).clone()
+    return torch.from_numpy(np.array(values)).to(dtype)
+
+
 def fit_temperature(logits, labels, max_iter: int = 200) -> float:
     """The temperature that minimises the negative log-likelihood of ``labels`` under ``softmax(logits / T)``."""
-    logits = torch.as_tensor(np.array(logits, dtype=np.float64))  # a copy: the caller's array may be read-only
-    labels = torch.as_tensor(np.array(labels, dtype=np.int64))
+    logits, labels = _copy(logits, torch.float64), _copy(labels, torch.long)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError(f"need (n, classes) logits and n labels, got {tuple(logits.shape)} and {len(labels)}")
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
@@ -36,5 +42,4 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
 
 def nll(logits, labels, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
-    logits = torch.as_tensor(np.array(logits, dtype=np.float64))  # a copy: the caller's array may be read-only
-    return float(F.cross_entropy(logits / temperature, torch.as_tensor(np.asarray(labels), dtype=torch.long)))
+    return float(F.cross_entropy(_copy(logits, torch.float64) / temperature, _copy(labels, torch.long)))
