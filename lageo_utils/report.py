@@ -11,6 +11,7 @@ import pandas as pd
 import yaml
 from IPython.display import Image
 
+from lageo_utils.backbones import is_image_only
 from lageo_utils.backbones import skipped_markdown as _skipped_markdown
 from lageo_utils.runs import MODEL_LABELS, MODELS, RunDir, model_labels, read_params
 
@@ -38,7 +39,7 @@ def header(run: RunDir, params: dict) -> str:
     """Title, run id and date, with a plain warning at the top of demo reports."""
     doc = yaml.safe_load(run.params_file.read_text())
     lines = [
-        "# LA County sub-city geolocation with CLIP",
+        f"# LA County sub-city geolocation with {params['model'] if is_image_only(params['model']) else 'CLIP'}",
         f"Run `{doc['run_id']}` · created {doc['created_utc']} · model `{params['model']}` "
         f"(weights: `{params['pretrained']}`) · fine-tuning strategy `{params['strategy']}`, "
         f"{params['epochs']} epochs",

@@ -1,4 +1,5 @@
-"""End to end with an image-only backbone: a tiny random timm ViT through every notebook (01-06).
+"""End to end with an image-only backbone: a tiny random timm ViT through `lageo run` (notebooks 01-05; step 06's
+model choice is checked directly, as its notebook would add most of a minute).
 
 Image-side methods (linear probe, partial fine-tuning, retrieval, geocells) run; the text-side ones
 (zero-shot, prompt variants, text_scale, WiSE-FT) are skipped and the notebooks and the report say so.
@@ -17,9 +18,10 @@ from lageo_utils.backbones import EMBEDDING_METHODS
 
 pytestmark = pytest.mark.slow
 TIMM_TINY = "timm:lageo-tiny-dinov2"
-# As small as the pipeline allows: few images, one epoch, few resamples; text_scale is asked for and must be skipped.
+# As small as the pipeline allows: few images, one epoch, few resamples, one geocell resolution; text_scale is asked
+# for and must be skipped.
 OVERRIDES = {"model": TIMM_TINY, "pretrained": None, "demo_points_per_region": 3, "demo_image_size": 64, "epochs": 1,
-             "n_boot": 10, "strategies": ["linear_probe", "text_scale", "partial"], "interventions": ["grayscale"]}
+             "n_boot": 10, "geocell_resolutions": [7], "strategies": ["linear_probe", "text_scale", "partial"]}
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,9 @@ def test_every_step_ran_and_no_zero_shot_model_was_written(image_only_run):
     run = image_only_run
     executed = sorted(p.name for p in (run / "notebooks").glob("*.ipynb"))
     assert executed == ["01_explore_data.ipynb", "02_zero_shot.ipynb", "03_finetune.ipynb", "04_evaluate.ipynb",
-                        "05_report.ipynb", "06_probing.ipynb"]
+                        "05_report.ipynb"]
     for name in ("predictions_finetuned.parquet", "checkpoints/linear_probe/best.pt", "checkpoints/partial/best.pt",
-                 "locator/zeroshot/locator.json", "locator/finetuned/geocell.pt", "metrics.json", "probing.json",
+                 "locator/zeroshot/locator.json", "locator/finetuned/geocell.pt", "metrics.json",
                  "classification_report_finetuned.txt", "report.html"):
         assert (run / name).is_file(), name
     for name in ("predictions_zeroshot.parquet", "classification_report_zeroshot.txt", "checkpoints/text_scale",
@@ -88,9 +90,11 @@ def test_the_notebooks_and_the_report_say_what_was_skipped(image_only_run):
     assert "Zero-shot CLIP" not in html and "minus zero-shot" not in html  # no zero-shot model, no pairing with it
 
 
-def test_probing_probes_each_trained_strategy_and_no_zero_shot_model(image_only_run):
-    doc = json.loads((image_only_run / "probing.json").read_text())
-    assert list(doc["models"]) == ["linear_probe", "partial"]
+def test_probing_would_probe_each_trained_strategy_and_no_zero_shot_model(image_only_run):
+    from lageo_utils import steps
+    from lageo_utils.runs import read_params
+
+    assert list(steps.probing_predictors(image_only_run, read_params(image_only_run))) == ["linear_probe", "partial"]
 
 
 def test_the_head_started_from_zero_and_the_cache_knows_the_backbone_family(image_only_run):
@@ -105,9 +109,11 @@ def test_the_head_started_from_zero_and_the_cache_knows_the_backbone_family(imag
 
 def test_a_finished_image_only_run_is_complete(image_only_run):
     from lageo_utils.pipeline import resume_pipeline
-    from lageo_utils.runs import STEPS, RunError, step_done
+    from lageo_utils.runs import STEPS, RunError, read_params, step_done, step_wanted
 
-    assert all(step_done(image_only_run, step) for step in STEPS)  # the absent zero-shot files are not missing
+    params = read_params(image_only_run)
+    wanted = [step for step in STEPS if step_wanted(step, params)]  # 06_probing: interventions is empty
+    assert all(step_done(image_only_run, step) for step in wanted)  # the absent zero-shot files are not missing
     with pytest.raises(RunError, match="is complete"):
         resume_pipeline(image_only_run)
 
