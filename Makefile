@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(BIN)/ruff check .
 
+# Test files run on two workers (pytest-xdist, a file per worker, so module fixtures are built once): most tests
+# wait on one core (kernels, subprocesses), and the suite's slow files then overlap.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 demo: setup
 	$(BIN)/lageo run --profile demo
