@@ -17,7 +17,8 @@ from papermill.exceptions import PapermillExecutionError
 from traitlets.config import Config
 
 from lageo_utils.data import ManifestError
-from lageo_utils.model import WeightsUnavailableError, backbone_family, check_weights
+from lageo_utils.engines import EngineUnavailableError, check_engine
+from lageo_utils.model import WeightsUnavailableError, backbone_family, check_weights, resolve_device
 from lageo_utils.notebook import PAPERMILL_KERNEL, html_exporter
 from lageo_utils.params import ParamError
 from lageo_utils.prompts import region_prompts
@@ -54,7 +55,7 @@ def notebook_parameters(notebook: Path) -> set[str]:
 
 def preflight(params: dict) -> None:
     """Check, before any run directory or notebook, what would otherwise fail late: the region file and the
-    prompts it gives, ``top_k``, the model's weights and (for a manifest data source) the manifest itself.
+    prompts it gives, ``top_k``, the model's weights, the inference engine and (for a manifest data source) the manifest itself.
 
     ``RunError`` carries the one message naming the file, field or parameter at fault.
     """
@@ -74,9 +75,11 @@ def preflight(params: dict) -> None:
                              "Train it with `lageo train` (linear_probe, partial, lora, full); running image-only "
                              "backbones through the notebooks is not supported yet")
         check_weights(params["model"], params["pretrained"])
+        check_engine(params["engine"], resolve_device(params["device"]))
         if params["data_source"] == "manifest":
             read_data_manifest(params)
-    except (ParamError, RegionsError, ManifestError, WeightsUnavailableError, ValueError) as exc:
+    except (ParamError, RegionsError, ManifestError, WeightsUnavailableError, EngineUnavailableError,
+            ValueError) as exc:
         raise RunError(str(exc)) from None
 
 

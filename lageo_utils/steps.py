@@ -279,8 +279,13 @@ def embed_splits(run: RunDir, params: dict, predictor) -> dict:
     return {name: embed_manifest(predictor.model, predictor.preprocess, load_split(run, name), image_root(run),
                                  cache_dir=embedding_cache_dir(), batch_size=params["embed_batch_size"],
                                  num_workers=params["num_workers"], device=predictor.device,
-                                 model_name=predictor.model_name)
+                                 model_name=predictor.model_name, engine=engine_of(params))
             for name in SPLITS}
+
+
+def engine_of(params: dict) -> str:
+    """The run's inference engine (``eager`` for runs made before the ``engine`` parameter)."""
+    return params.get("engine", "eager")
 
 
 def locate(run: RunDir, params: dict, predictor, model: str, embedded: dict) -> pd.DataFrame:
@@ -384,7 +389,8 @@ def finetune(run: RunDir, params: dict) -> dict:
         if strategy in done and run.strategy_predictions(strategy).exists():
             continue
         config = TrainConfig(strategy=strategy, model_name=params["model"], pretrained=params["pretrained"],
-                             train_regions=params["train_regions"], **{name: params[name] for name in TRAIN_PARAMS})
+                             train_regions=params["train_regions"], engine=engine_of(params),
+                             **{name: params[name] for name in TRAIN_PARAMS})
         out = run.strategy_checkpoints(strategy)
         result = train(load_split(run, "train"), load_split(run, "val"), regions, image_root(run), out, config,
                        device=params["device"], cache_dir=embedding_cache_dir(), resume=(out / "last.pt").exists(),
