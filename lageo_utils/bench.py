@@ -285,7 +285,8 @@ def benchmark_engine(model_name: str = "ViT-B-32", pretrained: str | None = None
     Speed: one batch of ``batch_size`` preprocessed images (demo scenes), embedded by each engine in
     turn (eager, then the others, ``rounds`` times, after one warm-up call each), so that a change in
     the machine's load hits the engines alike; per round, eager's seconds over the engine's, and the
-    median and range of those ratios. Equality: ``check_points`` capture points per region of the
+    median and range of those ratios; the same for the process's CPU seconds (all its threads), which move less
+    than wall time when other work shares the cores. Equality: ``check_points`` capture points per region of the
     synthetic demo (four headings each) embedded by every engine: the largest ``1 - cosine`` to
     eager's embedding, and the share of images whose top-1 zero-shot region is eager's. ``prepare_s``
     is each engine's one-off cost (export or compilation; loading when ``cache_dir`` already holds it).
@@ -318,25 +319,31 @@ def benchmark_engine(model_name: str = "ViT-B-32", pretrained: str | None = None
         embeddings = {engine: torch.cat([_embed(encoders[engine], chunk) for chunk in images.split(batch_size)])
                       for engine in engines}
         seconds = {engine: [] for engine in engines}
+        cpu_seconds = {engine: [] for engine in engines}
         for engine in engines:
             _embed(encoders[engine], batch)  # warm-up at the timed batch size
         for _ in range(rounds):
             for engine in engines:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 _embed(encoders[engine], batch)
                 seconds[engine].append(time.perf_counter() - start)
+                cpu_seconds[engine].append(time.process_time() - cpu_start)
     top1 = {engine: (vectors @ class_embeddings.T).argmax(dim=1) for engine, vectors in embeddings.items()}
     results = {}
     for engine in engines:
         results[engine] = {"img_s": round(batch_size / float(np.median(seconds[engine])), 2),
+                           "cpu_s_per_batch": round(float(np.median(cpu_seconds[engine])), 3),
                            "prepare_s": round(prepare_s[engine], 1)}
         if engine == "eager":
             continue
         ratios = np.array(seconds["eager"]) / np.array(seconds[engine])
+        cpu_ratios = np.array(cpu_seconds["eager"]) / np.array(cpu_seconds[engine])
         cosine = F.cosine_similarity(embeddings[engine].double(), embeddings["eager"].double(), dim=1)
         results[engine].update({
             "ratio_vs_eager": {"median": round(float(np.median(ratios)), 3), "min": round(float(ratios.min()), 3),
                                "max": round(float(ratios.max()), 3)},
+            "cpu_ratio_vs_eager": {"median": round(float(np.median(cpu_ratios)), 3),
+                                   "min": round(float(cpu_ratios.min()), 3), "max": round(float(cpu_ratios.max()), 3)},
             "max_cosine_deviation": float(1 - cosine.min()),
             "top1_agreement": float((top1[engine] == top1["eager"]).double().mean()),
         })
