@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,peers]'
+	$(BIN)/python -m pip install --quiet -e '.[test,peers,engines]'
 	# the kernel the notebooks name, so `papermill notebooks/03_finetune.ipynb out.ipynb` finds it
 	$(BIN)/python -m ipykernel install --sys-prefix --name lageo --display-name "lageo (.venv)"
 	touch $(STAMP)

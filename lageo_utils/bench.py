@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import resource
 import tempfile
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from lageo_utils.checkpoints import seed_everything
+from lageo_utils.demo import build_demo
 from lageo_utils.embed import embed_paths
+from lageo_utils.engines import ENGINES, check_engine, image_encoder
 from lageo_utils.geolocate import NeighbourIndex
 from lageo_utils.images import default_num_workers, open_rgb
 from lageo_utils.model import autocast, autocast_dtype, load_clip, resolve_device
@@ -288,3 +292,118 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each query's true top-k found by the index."""
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
 
+
+
+BENCH_ENGINES = (*ENGINES, "compile")  # compile: torch.compile, measured here but not offered (see engines)
+
+
+def benchmark_engine(model_name: str = "ViT-B-32", pretrained: str | None = None, batch_size: int = 32,
+                     rounds: int = 7, engines: Sequence[str] = ENGINES, check_points: int = 1, seed: int = 0,
+                     cache_dir: str | os.PathLike | None = None) -> dict:
+    """Images/s of each inference engine against eager, and whether their outputs are eager's.
+
+    Speed: one batch of ``batch_size`` preprocessed images (demo scenes), embedded by each engine in
+    turn (eager, then the others, ``rounds`` times, after one warm-up call each), so that a change in
+    the machine's load hits the engines alike; per round, eager's seconds over the engine's, and the
+    median and range of those ratios; the same for the process's CPU seconds (all its threads), which move less
+    than wall time when other work shares the cores. Equality: ``check_points`` capture points per region of the
+    synthetic demo (four headings each) embedded by every engine: the largest ``1 - cosine`` to
+    eager's embedding, and the share of images whose top-1 zero-shot region is eager's. ``prepare_s``
+    is each engine's one-off cost (export or compilation; loading when ``cache_dir`` already holds it).
+    """
+    unknown = [e for e in engines if e not in BENCH_ENGINES]
+    if unknown or not engines:
+        raise ValueError(f"engines must name some of {', '.join(BENCH_ENGINES)}, got {list(engines)!r}")
+    if rounds < 1 or batch_size < 1 or check_points < 1:
+        raise ValueError(f"rounds, batch_size and check_points must be at least 1, got {rounds}, {batch_size}, "
+                         f"{check_points}")
+    for engine in engines:
+        if engine != "compile":
+            check_engine(engine, "cpu")  # a missing package fails here, before the model loads
+    engines = ["eager", *(e for e in engines if e != "eager")]
+    load_before = os.getloadavg()[0]
+    seed_everything(seed)
+    model, preprocess, tokenizer = load_clip(model_name, pretrained, device="cpu")
+    regions = load_regions()
+    class_embeddings = encode_region_texts(model, tokenizer, regions, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="lageo-bench-engine-") as tmp:
+        manifest = build_demo(Path(tmp) / "demo", points_per_region=check_points, seed=seed)
+        images = torch.stack([preprocess(open_rgb(Path(tmp) / "demo" / p)) for p in manifest["image_path"]])
+        batch = images[torch.arange(batch_size) % len(images)]
+        encoders, prepare_s = {}, {}
+        for engine in engines:
+            start = time.perf_counter()
+            encoders[engine] = _bench_encoder(model, engine, cache_dir or Path(tmp) / "cache", model_name)
+            _embed(encoders[engine], batch[:2])  # exports, compiles or loads
+            prepare_s[engine] = time.perf_counter() - start
+        embeddings = {engine: torch.cat([_embed(encoders[engine], chunk) for chunk in images.split(batch_size)])
+                      for engine in engines}
+        seconds = {engine: [] for engine in engines}
+        cpu_seconds = {engine: [] for engine in engines}
+        for engine in engines:
+            _embed(encoders[engine], batch)  # warm-up at the timed batch size
+        for _ in range(rounds):
+            for engine in engines:
+                start, cpu_start = time.perf_counter(), time.process_time()
+                _embed(encoders[engine], batch)
+                seconds[engine].append(time.perf_counter() - start)
+                cpu_seconds[engine].append(time.process_time() - cpu_start)
+    top1 = {engine: (vectors @ class_embeddings.T).argmax(dim=1) for engine, vectors in embeddings.items()}
+    results = {}
+    for engine in engines:
+        results[engine] = {"img_s": round(batch_size / float(np.median(seconds[engine])), 2),
+                           "cpu_s_per_batch": round(float(np.median(cpu_seconds[engine])), 3),
+                           "prepare_s": round(prepare_s[engine], 1)}
+        if engine == "eager":
+            continue
+        ratios = np.array(seconds["eager"]) / np.array(seconds[engine])
+        cpu_ratios = np.array(cpu_seconds["eager"]) / np.array(cpu_seconds[engine])
+        cosine = F.cosine_similarity(embeddings[engine].double(), embeddings["eager"].double(), dim=1)
+        results[engine].update({
+            "ratio_vs_eager": {"median": round(float(np.median(ratios)), 3), "min": round(float(ratios.min()), 3),
+                               "max": round(float(ratios.max()), 3)},
+            "cpu_ratio_vs_eager": {"median": round(float(np.median(cpu_ratios)), 3),
+                                   "min": round(float(cpu_ratios.min()), 3), "max": round(float(cpu_ratios.max()), 3)},
+            "max_cosine_deviation": float(1 - cosine.min()),
+            "top1_agreement": float((top1[engine] == top1["eager"]).double().mean()),
+        })
+    return {
+        "model": model_name,
+        "pretrained": pretrained,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "check_images": len(images),
+        "engines": results,
+        "machine": _machine(),
+        "load_avg_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+    }
+
+
+def _bench_encoder(model, engine: str, cache_dir: Path, model_name: str):
+    if engine == "compile":
+        return torch.compile(model.encode_image)
+    return image_encoder(model, engine, cache_dir=cache_dir, model_name=model_name)
+
+
+def _embed(encoder, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised embeddings, as the embedding pipeline computes them."""
+    with torch.inference_mode():
+        return F.normalize(encoder(images).float(), dim=-1)
+
+
+def _machine() -> dict:
+    """The CPU, its cores and threads, and the software versions the engines' figures depend on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for package in ("torch", "onnxruntime", "openvino", "onnxscript"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "versions": versions}

@@ -2,7 +2,7 @@
 
 Worker processes decode and preprocess images while the main process runs the model; each
 image's embedding is stored under the hash of its bytes, in a cache directory per model
-(name, weights, preprocessing, decoder, precision), so a re-run computes nothing.
+(name, weights, preprocessing, decoder, precision, inference engine), so a re-run computes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lageo_utils.engines import check_engine, image_encoder
 from lageo_utils.files import atomic_write
 from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
 from lageo_utils.model import autocast, autocast_dtype, has_text_tower, resolve_device, weights_identity
@@ -57,13 +58,14 @@ def embed_manifest(
     num_workers: int | None = None,
     device: str | torch.device | None = None,
     model_name: str | None = None,
+    engine: str = "eager",
 ) -> EmbeddingResult:
     """Embed every ``manifest.image_path`` (relative to ``image_root``); ``rows`` are manifest positions."""
     if "image_path" not in manifest.columns:
         raise ValueError(f"manifest has no 'image_path' column (columns: {list(manifest.columns)})")
     return embed_paths(
         model, preprocess, manifest["image_path"].astype(str).tolist(), root=image_root, cache_dir=cache_dir,
-        batch_size=batch_size, num_workers=num_workers, device=device, model_name=model_name,
+        batch_size=batch_size, num_workers=num_workers, device=device, model_name=model_name, engine=engine,
     )
 
 
@@ -78,19 +80,22 @@ def embed_paths(
     num_workers: int | None = None,
     device: str | torch.device | None = None,
     model_name: str | None = None,
+    engine: str = "eager",
 ) -> EmbeddingResult:
     """Embed image files, reusing and filling the cache in ``cache_dir`` when given.
 
     ``device`` defaults to the model's device (the model is moved if another is given).
     Unreadable files are skipped and listed in ``failures``; duplicates by content are embedded once.
+    ``engine`` runs the image encoder (``lageo_utils.engines``: eager, onnx, openvino); it is part of the cache key.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = resolve_device(device) if device is not None else next(model.parameters()).device
+    check_engine(engine, device)
     model.to(device)
     files = [Path(root) / p if root is not None else Path(p) for p in paths]
     digests, failures = hash_files(files)
-    cache = EmbeddingCache.for_model(cache_dir, model, preprocess, device, model_name) if cache_dir else None
+    cache = EmbeddingCache.for_model(cache_dir, model, preprocess, device, model_name, engine) if cache_dir else None
     known = cache.lookup(set(digests.values())) if cache else {}
 
     todo = {}  # digest -> first position with that content
@@ -98,7 +103,9 @@ def embed_paths(
         if digest not in known:
             todo.setdefault(digest, pos)
     if todo:
-        new, bad = _compute(model, preprocess, [files[p] for p in todo.values()], batch_size, num_workers, device)
+        encoder = image_encoder(model, engine, cache_dir=cache_dir, model_name=model_name)
+        new, bad = _compute(model, encoder, preprocess, [files[p] for p in todo.values()], batch_size, num_workers,
+                            device)
         todo_digests = list(todo)
         computed = {todo_digests[i]: vec for i, vec in zip(new[0], new[1])}
         bad_by_digest = {todo_digests[i]: reason for i, reason in bad.items()}
@@ -134,8 +141,9 @@ def hash_files(files: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
     return digests, failures
 
 
-def _compute(model, preprocess, files: list[Path], batch_size: int, num_workers: int | None, device: torch.device):
-    """Run files through the loader and the model: ``((positions, vectors), {position: reason})``."""
+def _compute(model, encoder, preprocess, files: list[Path], batch_size: int, num_workers: int | None,
+             device: torch.device):
+    """Run files through the loader and ``encoder`` (the model's image encoder, as an engine runs it): ``((positions, vectors), {position: reason})``."""
     workers = min(default_num_workers(num_workers), math.ceil(len(files) / batch_size))
     loader = DataLoader(
         ImageDataset([str(f) for f in files], preprocess),
@@ -151,7 +159,7 @@ def _compute(model, preprocess, files: list[Path], batch_size: int, num_workers:
     try:
         with torch.inference_mode(), autocast(device), tqdm(total=len(files), unit="img", desc="embedding") as bar:
             for images, indices in _forward_batches(loader, batch_size, device, failures, bar):
-                features = model.encode_image(images)
+                features = encoder(images)
                 vectors.append(F.normalize(features.float(), dim=-1).cpu().numpy())
                 positions.append(indices.numpy())
     finally:
@@ -214,8 +222,9 @@ class EmbeddingCache:
             atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
     @classmethod
-    def for_model(cls, cache_dir, model, preprocess, device: torch.device, model_name: str | None):
-        """The cache for this model name, visual weights, preprocessing, decoder and precision."""
+    def for_model(cls, cache_dir, model, preprocess, device: torch.device, model_name: str | None,
+                  engine: str = "eager"):
+        """The cache for this model name, visual weights, preprocessing, decoder, precision and inference engine."""
         meta = {
             "format": CACHE_FORMAT,
             "family": "open_clip" if has_text_tower(model) else "image-only",
@@ -224,6 +233,7 @@ class EmbeddingCache:
             "preprocess": re.sub(r" at 0x[0-9a-f]+", "", repr(preprocess)),  # drop per-process addresses
             "decoder": DECODER_SETTINGS,
             "precision": _precision(device),
+            "engine": engine,  # an engine's embeddings differ from eager's in the last digits: never mixed
         }
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", meta["model"])

@@ -18,7 +18,8 @@ from traitlets.config import Config
 
 from lageo_utils.backbones import IMAGE_STRATEGIES, is_image_only, requested_strategies, trained_strategies
 from lageo_utils.data import ManifestError
-from lageo_utils.model import WeightsUnavailableError, check_weights
+from lageo_utils.engines import EngineUnavailableError, check_engine
+from lageo_utils.model import WeightsUnavailableError, check_weights, resolve_device
 from lageo_utils.notebook import PAPERMILL_KERNEL, html_exporter
 from lageo_utils.params import ParamError
 from lageo_utils.prompts import region_prompts
@@ -55,8 +56,8 @@ def notebook_parameters(notebook: Path) -> set[str]:
 
 def preflight(params: dict) -> None:
     """Check, before any run directory or notebook, what would otherwise fail late: the region file and the
-    prompts it gives, ``top_k``, the model's weights, GeoCLIP's extra and backbone (when ``geo_methods`` asks for
-    it) and (for a manifest data source) the manifest itself.
+    prompts it gives, ``top_k``, the model's weights, the inference engine, GeoCLIP's extra and backbone (when
+    ``geo_methods`` asks for it) and (for a manifest data source) the manifest itself.
 
     ``RunError`` carries the one message naming the file, field or parameter at fault.
     """
@@ -77,10 +78,12 @@ def preflight(params: dict) -> None:
                              f"{requested_strategies(params)} are all text-side: choose at least one of "
                              f"{', '.join(IMAGE_STRATEGIES)} (-p strategies linear_probe,partial)")
         check_weights(params["model"], params["pretrained"])
+        check_engine(params["engine"], resolve_device(params["device"]))
         check_peers(params)
         if params["data_source"] == "manifest":
             read_data_manifest(params)
-    except (ParamError, RegionsError, ManifestError, WeightsUnavailableError, ValueError) as exc:
+    except (ParamError, RegionsError, ManifestError, WeightsUnavailableError, EngineUnavailableError,
+            ValueError) as exc:
         raise RunError(str(exc)) from None
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from lageo_utils.adapters import add_lora, merge_lora
 from lageo_utils.checkpoints import CheckpointError, load_checkpoint
 from lageo_utils.embed import EmbeddingResult, embed_manifest
+from lageo_utils.engines import image_encoder
 from lageo_utils.geo import haversine_km
 from lageo_utils.images import open_rgb, to_rgb
 from lageo_utils.model import autocast, has_text_tower, load_model, resolve_device, weights_identity
@@ -113,13 +114,19 @@ class ImageEncoder:
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         self.model_name = model_name
+        self.encode_image = self.model.encode_image  # embed_image's encoder; see use_engine
+
+    def use_engine(self, engine: str, cache_dir: str | os.PathLike | None = None) -> None:
+        """Have ``embed_image`` run the image encoder with ``engine`` (``lageo_utils.engines``; exported files
+        are kept in ``cache_dir``)."""
+        self.encode_image = image_encoder(self.model, engine, cache_dir=cache_dir, model_name=self.model_name)
 
     def embed_image(self, image_or_path: Image.Image | str | os.PathLike) -> torch.Tensor:
         """The L2-normalised embedding (1 x dim) of one image or image file (ImageReadError if unreadable)."""
         image = to_rgb(image_or_path) if isinstance(image_or_path, Image.Image) else open_rgb(image_or_path)
         pixels = self.preprocess(image).unsqueeze(0).to(self.device)
         with torch.no_grad(), autocast(self.device):
-            features = self.model.encode_image(pixels)
+            features = self.encode_image(pixels)
         return F.normalize(features.float(), dim=-1)
 
 

@@ -310,8 +310,13 @@ def embed_splits(run: RunDir, params: dict, predictor) -> dict:
     return {name: embed_manifest(predictor.model, predictor.preprocess, load_split(run, name), image_root(run),
                                  cache_dir=embedding_cache_dir(), batch_size=params["embed_batch_size"],
                                  num_workers=params["num_workers"], device=predictor.device,
-                                 model_name=predictor.model_name)
+                                 model_name=predictor.model_name, engine=engine_of(params))
             for name in SPLITS}
+
+
+def engine_of(params: dict) -> str:
+    """The run's inference engine (``eager`` for runs made before the ``engine`` parameter)."""
+    return params.get("engine", "eager")
 
 
 def locate(run: RunDir, params: dict, predictor, model: str, embedded: dict,
@@ -428,7 +433,8 @@ def finetune(run: RunDir, params: dict) -> dict:
         if strategy in done and run.strategy_predictions(strategy).exists():
             continue
         config = TrainConfig(strategy=strategy, model_name=params["model"], pretrained=params["pretrained"],
-                             train_regions=params["train_regions"], **{name: params[name] for name in TRAIN_PARAMS})
+                             train_regions=params["train_regions"], engine=engine_of(params),
+                             **{name: params[name] for name in TRAIN_PARAMS})
         out = run.strategy_checkpoints(strategy)
         result = train_strategy(run, params, config, regions, clip)
         predictor = load_finetuned(result.best_checkpoint, regions, device=params["device"], clip=clip)
@@ -547,7 +553,7 @@ def torchrun_train_command(run: RunDir, params: dict, config, resume: bool) -> l
         "--lora-alpha": config.lora_alpha, "--lora-dropout": config.lora_dropout,
         "--train-regions": ",".join(config.train_regions) if config.train_regions else None,
         "--patience": config.patience, "--seed": config.seed, "--num-workers": config.num_workers,
-        "--embed-batch-size": config.embed_batch_size, "--splits": run, "--image-root": image_root(run),
+        "--embed-batch-size": config.embed_batch_size, "--engine": config.engine, "--splits": run, "--image-root": image_root(run),
         "--regions": project_path(params["regions"]), "--out": run.strategy_checkpoints(config.strategy),
         "--cache-dir": embedding_cache_dir(), "--device": params["device"],
     }

@@ -154,7 +154,7 @@ def test_notebook_03s_torchrun_command_carries_the_whole_config(data, step_param
                          weight_decay=0.05, batch_size=12, grad_accum_steps=3, warmup_fraction=0.2,
                          max_grad_norm=None, unfreeze_blocks=1, augment=True, patience=2, seed=7, num_workers=1,
                          lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, train_regions=["hollywood", "downtown_la"],
-                         embed_batch_size=16)
+                         embed_batch_size=16, engine="onnx")
     command = steps.torchrun_train_command(data.run, {**step_params, "nproc": 3}, config, resume=True)
     assert command[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
                            "-m"]

@@ -1,8 +1,10 @@
-"""``lageo bench embed|train|gallery``: throughput benchmarks that print JSON figures."""
+"""``lageo bench embed|engine|train|gallery``: throughput benchmarks that print JSON figures."""
 
 from __future__ import annotations
 
-from lageo_utils.cli import print_json
+from lageo_utils.cli import CommandError, print_json
+
+ENGINES = ("eager", "onnx", "openvino", "compile")  # bench.BENCH_ENGINES (a test checks)
 
 
 def register(subparsers) -> None:
@@ -18,6 +20,20 @@ def register(subparsers) -> None:
                        help="forward passes: auto (CUDA: bfloat16 autocast where supported; else float32), float32, "
                        "or bfloat16/float16 autocast")
     embed.set_defaults(func=_embed)
+
+    engine = group.add_parser("engine", help="CPU inference engines against eager: img/s, ratio, equal outputs")
+    engine.add_argument("--model", default="ViT-B-32")
+    engine.add_argument("--pretrained", default="none", help="random weights are fine for timing")
+    engine.add_argument("--batch-size", type=int, default=32)
+    engine.add_argument("--rounds", type=int, default=7, help="rounds in which the engines take turns")
+    engine.add_argument("--engines", nargs="+", choices=ENGINES, default=["eager", "onnx", "openvino"],
+                        help="engines to measure (eager always is: the reference); compile: torch.compile, "
+                             "measured but not offered")
+    engine.add_argument("--check-points", type=int, default=1,
+                        help="demo capture points per region (4 images each) for the equal-output check")
+    engine.add_argument("--cache-dir", default=None,
+                        help="keep exported engines here (default: a temporary folder, so export time is measured)")
+    engine.set_defaults(func=_engine)
 
     train = group.add_parser("train", help="training images/s and peak memory per strategy")
     train.add_argument("--model", default="ViT-B-32")
@@ -43,6 +59,19 @@ def _embed(args) -> int:
     with precision(args.precision):
         print_json(benchmark_embed(model_name=args.model, pretrained=args.pretrained, images=args.images,
                                    batch_size=args.batch_size, num_workers=args.num_workers, device=args.device))
+    return 0
+
+
+def _engine(args) -> int:
+    from lageo_utils.bench import benchmark_engine
+    from lageo_utils.engines import EngineUnavailableError
+
+    try:
+        print_json(benchmark_engine(model_name=args.model, pretrained=args.pretrained, batch_size=args.batch_size,
+                                    rounds=args.rounds, engines=args.engines, check_points=args.check_points,
+                                    cache_dir=args.cache_dir))
+    except (EngineUnavailableError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
     return 0
 
 

@@ -11,6 +11,7 @@ from lageo_utils.cli import CommandError, print_json
 
 METHODS = ("centroid", "expected", "retrieval", "region_retrieval", "geocell")  # geolocate.METHODS (a test checks)
 RUN_MODELS = ("zeroshot", "finetuned")  # runs.MODELS
+ENGINES = ("eager", "onnx", "openvino")  # engines.ENGINES (a test checks)
 
 
 def register(subparsers) -> None:
@@ -30,6 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--regions", default=None, help="region file (default: the 15 LA County regions)")
     parser.add_argument("--top-k", type=int, default=5, help="regions to list per image (default: 5)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    parser.add_argument("--engine", default="eager", choices=ENGINES,
+                        help="what runs the image encoder: eager (PyTorch, default), onnx or openvino (CPU; the "
+                             "engines extra; the exported model is kept in the embedding cache)")
     parser.set_defaults(func=_predict)
 
 
@@ -41,6 +45,7 @@ def _predict(args) -> int:
 
     if args.top_k < 1:
         raise CommandError(f"--top-k must be at least 1, got {args.top_k}")
+    _check_engine(args)
     if args.run is not None:
         return _predict_from_run(args)
     if args.method != "centroid":
@@ -52,6 +57,7 @@ def _predict(args) -> int:
                                    device=args.device)
     except (RegionsError, WeightsUnavailableError, ValueError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from None
+    _use_engine(predictor, args.engine)
     results = []
     for image in args.images:
         try:
@@ -81,6 +87,7 @@ def _predict_from_run(args) -> int:
     if args.checkpoint is not None or args.regions is not None:
         raise CommandError("with --run, the checkpoint and the regions are the run's own: drop --checkpoint/--regions")
     predictor, locator, root = _run_model(args.run, model, args.method, args.device)
+    _use_engine(predictor, args.engine)
     results = []
     for image in args.images:
         try:
@@ -104,6 +111,23 @@ def _predict_from_run(args) -> int:
         results.append(result)
     print_json(results)
     return 0 if any("error" not in r for r in results) else 1
+
+
+def _check_engine(args) -> None:
+    """Refuse an engine that cannot run here (missing packages, not the CPU) before any model is loaded."""
+    from lageo_utils.engines import EngineUnavailableError, check_engine
+    from lageo_utils.model import resolve_device
+
+    try:
+        check_engine(args.engine, resolve_device(args.device))
+    except (EngineUnavailableError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _use_engine(predictor, engine: str) -> None:
+    from lageo_utils.steps import embedding_cache_dir
+
+    predictor.use_engine(engine, cache_dir=embedding_cache_dir())
 
 
 def _run_model(run_dir: str, model: str, method: str, device: str):

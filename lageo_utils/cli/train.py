@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from lageo_utils.cli import CommandError, print_json
+from lageo_utils.params import ENGINES
 
 
 def register(subparsers) -> None:
@@ -44,6 +45,8 @@ def register(subparsers) -> None:
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--embed-batch-size", type=int, default=64,
                         help="images per forward pass when computing cached embeddings")
+    parser.add_argument("--engine", default="eager", choices=ENGINES,
+                        help="inference engine of the frozen encoder when embedding (head-only strategies)")
     parser.add_argument("--regions", default=None, help="region file (default: the 15 LA County regions)")
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/embedding_cache)")
     parser.add_argument("--device", default="auto")
@@ -64,6 +67,7 @@ def config_from_args(args):
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         train_regions=args.train_regions.split(",") if args.train_regions else None,
         patience=args.patience, seed=args.seed, num_workers=args.num_workers, embed_batch_size=args.embed_batch_size,
+        engine=args.engine,
     )
 
 

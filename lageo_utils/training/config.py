@@ -15,7 +15,7 @@ DEFAULT_LR = {"zeroshot": 0.0, "text_scale": 1e-2, "linear_probe": 1e-3, "partia
 TEXT_STRATEGIES = ("zeroshot", "text_scale", "contrastive")  # need the region prompts' text embeddings
 HEAD_OF = {"zeroshot": "linear", "text_scale": "scaled", "contrastive": "cosine"}  # every other strategy: linear
 # Settings a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE_CHANGES = ("epochs", "patience", "num_workers")
+RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "engine")
 # Config fields whose run parameter has another name, and list fields checked here.
 PARAM_NAMES = {"model_name": "model"}
 LIST_FIELDS = ("lora_targets", "train_regions", "templates")
@@ -50,6 +50,7 @@ class TrainConfig:
     train_regions: list[str] | None = None  # train (and select the best epoch) on these regions' images; None: all
     templates: list[str] | None = None  # region prompt templates; None: the seed's template
     embed_batch_size: int = 64  # for computing cached embeddings (zeroshot, text_scale, linear_probe)
+    engine: str = "eager"  # what runs the image encoder for those embeddings (lageo_utils.engines)
 
     def __post_init__(self) -> None:
         # Plain Python values (the config is stored in checkpoints that load with weights_only=True),

@@ -23,7 +23,7 @@ def embedding_data_factory(model, preprocess, image_root, cache_dir, config, dev
         share = df.iloc[processes.rank:: processes.world]
         result = embed_manifest(
             model, preprocess, share, image_root, cache_dir=cache_dir, batch_size=config.embed_batch_size,
-            num_workers=config.num_workers, device=device, model_name=config.model_name,
+            num_workers=config.num_workers, device=device, model_name=config.model_name, engine=config.engine,
         )
         positions = np.arange(processes.rank, len(df), processes.world)[result.rows]
         parts = processes.gather((positions, result.embeddings, result.failures.to_dict(orient="records")))
