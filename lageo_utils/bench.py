@@ -132,24 +132,31 @@ def benchmark_train(
     images: int = 64,
     batch_size: int = 16,
     device: str = "auto",
+    embeddings: int | None = None,
+    epochs: int | None = None,
+    rounds: int = 1,
 ) -> dict:
     """Training images/s and peak memory of one strategy, through the real training loop.
 
     Encoder strategies: ``images`` synthetic 640 x 640 JPEGs through the loader, augmentation off;
-    one warm-up epoch, then one timed epoch (training only). ``linear_probe``, ``text_scale``:
-    8 epochs over ``images`` cached embeddings (synthetic unit vectors with a class structure;
-    the head's cost does not depend on their values), timed end to end: every epoch's
-    validation on a sixth as many embeddings and both checkpoints included.
+    one warm-up epoch, then ``rounds`` timed epochs (training only). ``linear_probe``, ``text_scale``:
+    ``epochs`` (default 8) epochs over ``embeddings`` (default ``images``) cached embeddings
+    (synthetic unit vectors with a class structure; the head's cost does not depend on their
+    values), timed end to end: every epoch's validation on a sixth as many embeddings and both
+    checkpoints included; ``rounds`` fresh runs from the same seed, which must end with the same
+    head (checked). ``seconds`` is the median over the rounds.
     """
     if strategy not in STRATEGIES or strategy == "zeroshot":
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES[1:])} (zeroshot trains nothing), "
                          f"not {strategy!r}")
-    if images < 1:
-        raise ValueError(f"images must be at least 1, got {images}")
-    target = resolve_device(device)
     on_embeddings = strategy in EMBEDDING_STRATEGIES
+    count = embeddings if embeddings is not None and on_embeddings else images
+    for name, value in (("images", images), ("embeddings", count), ("epochs", epochs), ("rounds", rounds)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    target = resolve_device(device)
     config = TrainConfig(strategy=strategy, model_name=model_name, pretrained=pretrained, batch_size=batch_size,
-                         epochs=8 if on_embeddings else 2)
+                         epochs=(epochs or 8) if on_embeddings else 1 + rounds)
     seed_everything(config.seed)
     model, preprocess, tokenizer = load_clip(model_name, pretrained, device=target)
     regions = load_regions()
@@ -158,50 +165,74 @@ def benchmark_train(
     logit_scale = float(model.logit_scale.exp().item())
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
+    seconds, cpu_seconds, heads = [], [], []
     with tempfile.TemporaryDirectory(prefix="lageo-bench-train-") as tmp:
-        if strategy in EMBEDDING_STRATEGIES:
-            train_data = _synthetic_embeddings(class_embeddings.cpu(), images, seed=0)
-            val_data = _synthetic_embeddings(class_embeddings.cpu(), max(1, images // 6), seed=1)
+        if on_embeddings:
+            train_data = _synthetic_embeddings(class_embeddings.cpu(), count, seed=0)
+            val_data = _synthetic_embeddings(class_embeddings.cpu(), max(1, count // 6), seed=1)
             visual = model.visual
         else:
-            paths = write_test_jpegs(Path(tmp) / "images", images)
+            paths = write_test_jpegs(Path(tmp) / "images", count)
             frame = pd.DataFrame({"image_path": paths, "region_id": [region_ids[i % len(region_ids)]
-                                                                      for i in range(images)]})
+                                                                      for i in range(count)]})
             train_data = image_data(frame, region_ids, preprocess, None)
             val_data = train_data
             visual = trainable_encoder(model.visual, config)
-        classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=config.head)
-        run = new_run(config, classifier, region_ids, train_data, val_data, target, Path(tmp), "bench", {})
-        run.self_contained = False  # checkpoints as with pretrained weights: the trained part only
+
+        def start_run(folder: str):
+            classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=config.head)
+            run = new_run(config, classifier, region_ids, train_data, val_data, target, Path(tmp) / folder, "bench",
+                          {})
+            run.out_dir.mkdir()
+            run.self_contained = False  # checkpoints as with pretrained weights: the trained part only
+            return run
+
         with deterministic():
             if on_embeddings:
-                start = time.perf_counter()
-                fit(run, None)
-                seconds = time.perf_counter() - start
-                trained = images * config.epochs
+                for i in range(rounds):  # fresh runs from the same seed: same work, same result
+                    seed_everything(config.seed)
+                    run = start_run(f"round{i}")
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    fit(run, None)
+                    seconds.append(time.perf_counter() - start)
+                    cpu_seconds.append(time.process_time() - cpu_start)
+                    heads.append([p.detach().cpu().clone() for p in run.classifier.head_parameters()])
+                trained = count * config.epochs
             else:
+                run = start_run("run")
                 train_epoch(run, 1, None)  # warm-up: allocations, thread pools, loader start
-                _synchronize(target)
-                start = time.perf_counter()
-                train_epoch(run, 2, None)
-                _synchronize(target)
-                seconds = time.perf_counter() - start
-                trained = images
+                for epoch in range(2, 2 + rounds):
+                    _synchronize(target)
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    train_epoch(run, epoch, None)
+                    _synchronize(target)
+                    seconds.append(time.perf_counter() - start)
+                    cpu_seconds.append(time.process_time() - cpu_start)
+                trained = count
+    if any(not all(torch.equal(a, b) for a, b in zip(heads[0], head)) for head in heads[1:]):
+        raise RuntimeError("benchmark check failed: runs from the same seed trained different heads")
+    median_s = float(np.median(seconds))
     trainable = sum(p.numel() for group in run.optimizer.param_groups for p in group["params"])
     return {
         "model": model_name,
         "device": str(target),
         "strategy": strategy,
-        "images": images,
+        "images": count,
         "epochs_timed": config.epochs if on_embeddings else 1,
         "batch_size": batch_size,
-        "seconds": round(seconds, 3),
-        "train_img_s": round(trained / seconds, 1),
+        "rounds": rounds,
+        "seconds": round(median_s, 3),
+        "seconds_rounds": [round(s, 3) for s in seconds],
+        # this process's CPU time (all its threads): on shared cores, the work done whatever the wait for a core
+        "cpu_seconds": round(float(np.median(cpu_seconds)), 3),
+        "train_img_s": round(trained / median_s, 1),
         "trainable_params": trainable,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(target) / 2**20, 1) if target.type == "cuda" else None,
         "num_workers": default_num_workers(config.num_workers) if train_data.images else 0,
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
     }
 
 

@@ -23,6 +23,11 @@ def register(subparsers) -> None:
     train.add_argument("--images", type=int, default=64)
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--device", default="auto")
+    train.add_argument("--embeddings", type=int, default=None,
+                       help="linear_probe, text_scale: cached embeddings to train on (default: --images)")
+    train.add_argument("--epochs", type=int, default=None, help="linear_probe, text_scale: epochs timed (default 8)")
+    train.add_argument("--rounds", type=int, default=1,
+                       help="timed repetitions (fresh runs, or epochs for encoder strategies); seconds is the median")
     train.set_defaults(func=_train)
 
     gallery = group.add_parser("gallery", help="nearest-neighbour search: exact vs FAISS, queries/s, memory, recall")
@@ -45,7 +50,8 @@ def _train(args) -> int:
     from lageo_utils.bench import benchmark_train
 
     print_json(benchmark_train(model_name=args.model, pretrained=args.pretrained, strategy=args.strategy,
-                               images=args.images, batch_size=args.batch_size, device=args.device))
+                               images=args.images, batch_size=args.batch_size, device=args.device,
+                               embeddings=args.embeddings, epochs=args.epochs, rounds=args.rounds))
     return 0
 
 
