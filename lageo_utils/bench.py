@@ -6,10 +6,12 @@ in the same process, and reports the machine's load beside the figures.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +26,7 @@ from lageo_utils.checkpoints import seed_everything
 from lageo_utils.embed import embed_paths
 from lageo_utils.geolocate import NeighbourIndex
 from lageo_utils.images import default_num_workers, open_rgb
-from lageo_utils.model import autocast, load_clip, resolve_device
+from lageo_utils.model import TINY_MODEL, autocast, load_clip, resolve_device
 from lageo_utils.predict import RegionClassifier
 from lageo_utils.prompts import encode_region_texts
 from lageo_utils.regions import load_regions
@@ -299,3 +301,118 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each query's true top-k found by the index."""
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
 
+
+
+STAGES = ("generate", "manifest_split", "embed", "train_linear_probe", "predict_geolocate", "metrics")
+
+
+def benchmark_stages(sizes: Sequence[int] = (200, 800, 3200), model_name: str = TINY_MODEL,
+                     pretrained: str | None = None, image_size: int = 224, epochs: int = 8, n_boot: int = 200,
+                     device: str = "cpu", seed: int = 0) -> dict:
+    """Seconds and memory of each pipeline stage at several data sizes, per image.
+
+    For each size, a demo data set of about that many images (four headings per capture point,
+    ``image_size`` px JPEGs) goes through the stages the notebooks run: ``generate`` (drawing the
+    demo images; a real project collects them instead), ``manifest_split`` (reading and checking
+    the manifest, the location split), ``embed`` (every split through the embedding pipeline into
+    a fresh cache), ``train_linear_probe`` (``training.train`` on the cached embeddings, ``epochs``
+    epochs, checkpoints and calibration included), ``predict_geolocate`` (zero-shot and fine-tuned
+    region predictions of the test split; every coordinate method tuned on validation against the
+    training gallery and answering the test split) and ``metrics`` (``metrics_json`` with
+    ``n_boot`` bootstrap resamples). Memory: the peak of this process's resident memory during the
+    stage above its level at the stage's start, sampled every 5 ms (embedding workers are other
+    processes and not included). Random weights: the figures are timings, not accuracies.
+    """
+    from lageo_utils.data import read_manifest
+    from lageo_utils.demo import HEADINGS, build_demo
+    from lageo_utils.embed import embed_manifest
+    from lageo_utils.geolocate import METHODS, Gallery, answer_all, fit_locator
+    from lageo_utils.metrics import metrics_json
+    from lageo_utils.predict import GeoPredictor, load_finetuned, predictions_from_embeddings
+    from lageo_utils.runs import SPLITS
+    from lageo_utils.splits import split
+    from lageo_utils.training.loop import train
+
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"sizes must be positive image counts, got {list(sizes)}")
+    target = resolve_device(device)
+    regions = load_regions()
+    clip = load_clip(model_name, pretrained, device=target)
+    model, preprocess, tokenizer = clip
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lageo-bench-stages-") as tmp:
+        for size in sizes:
+            folder = Path(tmp) / f"n{size}"
+            data_dir, cache = folder / "data", folder / "cache"
+            stages: dict[str, dict] = {}
+            per_region = max(1, round(size / (len(HEADINGS) * len(regions))))
+            with _stage(stages, "generate"):
+                build_demo(data_dir, points_per_region=per_region, seed=seed, image_size=image_size, regions=regions)
+            with _stage(stages, "manifest_split"):
+                manifest, _ = read_manifest(data_dir / "manifest.csv", regions)
+                parts = split(manifest, "location", seed=seed)
+            with _stage(stages, "embed"):
+                embedded = {name: embed_manifest(model, preprocess, parts[name], data_dir, cache_dir=cache,
+                                                 device=target, model_name=model_name) for name in SPLITS}
+            with _stage(stages, "train_linear_probe"):
+                config = TrainConfig(strategy="linear_probe", model_name=model_name, pretrained=pretrained,
+                                     epochs=epochs, seed=seed)
+                trained = train(parts["train"], parts["val"], regions, data_dir, folder / "train", config,
+                                device=target, cache_dir=cache, clip=clip)
+            with _stage(stages, "predict_geolocate"):
+                zeroshot = GeoPredictor(model, preprocess, tokenizer, regions, device=target, model_name=model_name)
+                finetuned = load_finetuned(trained.best_checkpoint, regions, target, clip=clip)
+                test = parts["test"]
+                predictions = {name: predictions_from_embeddings(predictor, test, embedded["test"])
+                               for name, predictor in (("zeroshot", zeroshot), ("finetuned", finetuned))}
+                rows = {name: parts[name].iloc[embedded[name].rows].reset_index(drop=True) for name in SPLITS}
+                gallery = Gallery.from_rows(rows["train"], embedded["train"].embeddings, finetuned.region_ids)
+                val_embeddings = embedded["val"].embeddings
+                locator = fit_locator(finetuned.centroids, gallery, val_embeddings,
+                                      finetuned.probabilities(val_embeddings), rows["val"]["latitude"].to_numpy(float),
+                                      rows["val"]["longitude"].to_numpy(float), seed=seed)
+                test_embeddings = embedded["test"].embeddings
+                answer_all(locator, rows["test"], test_embeddings, finetuned.probabilities(test_embeddings),
+                           finetuned.region_ids, METHODS)
+            with _stage(stages, "metrics"):
+                metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, {},
+                             {name: len(parts[name]) for name in SPLITS}, n_boot=n_boot, seed=seed)
+            images = len(manifest)
+            for entry in stages.values():
+                entry.update(ms_per_image=round(1000 * entry["seconds"] / images, 3),
+                             peak_kb_per_image=round(1024 * entry["peak_extra_mb"] / images, 1))
+            results.append({"images": images, "splits": {name: len(parts[name]) for name in SPLITS},
+                            "stages": stages})
+    return {"model": model_name, "device": str(target), "image_size": image_size, "epochs": epochs,
+            "n_boot": n_boot, "num_workers": default_num_workers(None), "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2), "results": results}
+
+
+@contextlib.contextmanager
+def _stage(stages: dict, name: str):
+    """Time a stage and sample this process's resident memory (every 5 ms) while it runs."""
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * page / 2**20
+
+    start_mb, peak = rss_mb(), [0.0]
+    done = threading.Event()
+
+    def sample() -> None:  # a sampler thread: the kernel keeps only a lifetime peak (ru_maxrss), not one per stage
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        end_mb = rss_mb()
+        stages[name] = {"seconds": round(seconds, 3), "peak_extra_mb": round(max(peak[0], end_mb) - start_mb, 1),
+                        "rss_end_mb": round(end_mb, 1)}

@@ -1,4 +1,4 @@
-"""``lageo bench embed|train|gallery``: throughput benchmarks that print JSON figures."""
+"""``lageo bench embed|train|gallery|stages``: throughput benchmarks that print JSON figures."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def register(subparsers) -> None:
     gallery.add_argument("--repeats", type=int, default=3, help="rounds in which the backends take turns")
     gallery.set_defaults(func=_gallery)
 
+    stages = group.add_parser("stages", help="seconds and memory per image of each pipeline stage at several sizes")
+    stages.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3200], help="demo images (about)")
+    stages.add_argument("--model", default="lageo-tiny")
+    stages.add_argument("--pretrained", default="none")
+    stages.add_argument("--image-size", type=int, default=224, help="demo image side, px")
+    stages.add_argument("--epochs", type=int, default=8, help="linear probe epochs")
+    stages.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples of the metrics stage")
+    stages.add_argument("--device", default="cpu")
+    stages.set_defaults(func=_stages)
+
 
 def _embed(args) -> int:
     from lageo_utils.bench import benchmark_embed
@@ -59,4 +69,13 @@ def _gallery(args) -> int:
     from lageo_utils.bench import benchmark_gallery
 
     print_json(benchmark_gallery(sizes=args.sizes, dim=args.dim, queries=args.queries, repeats=args.repeats))
+    return 0
+
+
+def _stages(args) -> int:
+    from lageo_utils.bench import benchmark_stages
+
+    print_json(benchmark_stages(sizes=args.sizes, model_name=args.model, pretrained=args.pretrained,
+                                image_size=args.image_size, epochs=args.epochs, n_boot=args.n_boot,
+                                device=args.device))
     return 0
