@@ -308,7 +308,7 @@ STAGES = ("generate", "manifest_split", "embed", "train_linear_probe", "predict_
 
 def benchmark_stages(sizes: Sequence[int] = (200, 800, 3200), model_name: str = TINY_MODEL,
                      pretrained: str | None = None, image_size: int = 224, epochs: int = 8, n_boot: int = 200,
-                     device: str = "cpu", seed: int = 0) -> dict:
+                     geo_methods: Sequence[str] | None = None, device: str = "cpu", seed: int = 0) -> dict:
     """Seconds and memory of each pipeline stage at several data sizes, per image.
 
     For each size, a demo data set of about that many images (four headings per capture point,
@@ -318,7 +318,7 @@ def benchmark_stages(sizes: Sequence[int] = (200, 800, 3200), model_name: str = 
     a fresh cache), ``train_linear_probe`` (``training.train`` on the cached embeddings, ``epochs``
     epochs, checkpoints and calibration included), ``predict_geolocate`` (zero-shot and fine-tuned
     region predictions of the test split; every coordinate method tuned on validation against the
-    training gallery and answering the test split) and ``metrics`` (``metrics_json`` with
+    training gallery and answering the test split; ``geo_methods``, default all) and ``metrics`` (``metrics_json`` with
     ``n_boot`` bootstrap resamples). Memory: the peak of this process's resident memory during the
     stage above its level at the stage's start, sampled every 5 ms (embedding workers are other
     processes and not included). Random weights: the figures are timings, not accuracies.
@@ -333,6 +333,7 @@ def benchmark_stages(sizes: Sequence[int] = (200, 800, 3200), model_name: str = 
     from lageo_utils.splits import split
     from lageo_utils.training.loop import train
 
+    methods = tuple(geo_methods or METHODS)
     if not sizes or min(sizes) < 1:
         raise ValueError(f"sizes must be positive image counts, got {list(sizes)}")
     target = resolve_device(device)
@@ -370,10 +371,10 @@ def benchmark_stages(sizes: Sequence[int] = (200, 800, 3200), model_name: str = 
                 val_embeddings = embedded["val"].embeddings
                 locator = fit_locator(finetuned.centroids, gallery, val_embeddings,
                                       finetuned.probabilities(val_embeddings), rows["val"]["latitude"].to_numpy(float),
-                                      rows["val"]["longitude"].to_numpy(float), seed=seed)
+                                      rows["val"]["longitude"].to_numpy(float), methods=methods, seed=seed)
                 test_embeddings = embedded["test"].embeddings
                 answer_all(locator, rows["test"], test_embeddings, finetuned.probabilities(test_embeddings),
-                           finetuned.region_ids, METHODS)
+                           finetuned.region_ids, methods)
             with _stage(stages, "metrics"):
                 metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, {},
                              {name: len(parts[name]) for name in SPLITS}, n_boot=n_boot, seed=seed)
@@ -384,7 +385,7 @@ def benchmark_stages(sizes: Sequence[int] = (200, 800, 3200), model_name: str = 
             results.append({"images": images, "splits": {name: len(parts[name]) for name in SPLITS},
                             "stages": stages})
     return {"model": model_name, "device": str(target), "image_size": image_size, "epochs": epochs,
-            "n_boot": n_boot, "num_workers": default_num_workers(None), "torch_threads": torch.get_num_threads(),
+            "n_boot": n_boot, "geo_methods": list(methods), "num_workers": default_num_workers(None), "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2), "results": results}
 
 
