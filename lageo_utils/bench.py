@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import resource
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from torch.utils.data import TensorDataset
 from lageo_utils.checkpoints import seed_everything
 from lageo_utils.embed import embed_paths
 from lageo_utils.geolocate import NeighbourIndex
-from lageo_utils.images import default_num_workers, open_rgb
+from lageo_utils.images import default_num_workers, input_size, open_rgb
 from lageo_utils.model import TINY_MODEL, autocast, load_clip, resolve_device
 from lageo_utils.predict import RegionClassifier
 from lageo_utils.prompts import encode_region_texts
@@ -43,46 +45,59 @@ def benchmark_embed(
     batch_size: int = 64,
     num_workers: int | None = None,
     device: str = "auto",
+    rounds: int = 1,
 ) -> dict:
     """Images/s of the bare model, of files through loader and model, and of a cached re-run.
 
     Writes ``images`` synthetic 640 x 640 JPEGs (street-view-like file sizes) to a temporary
     folder; the raw figure is the forward pass alone on already-preprocessed tensors (one batch
     of them, reused until ``images`` were processed), normalised and copied back like the pipeline's.
+    ``rounds`` pairs of (raw, pipeline into a fresh cache) are timed in turn; the figures are their
+    medians, ``pipeline_vs_raw`` the median of each pair's ratio.
     """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     target = resolve_device(device)
     model, preprocess, _ = load_clip(model_name, pretrained, device=target)
     workers = default_num_workers(num_workers)
+    raw_times, pipeline_times = [], []
     with tempfile.TemporaryDirectory(prefix="lageo-bench-") as tmp:
         paths = write_test_jpegs(Path(tmp) / "images", images)
         batch = torch.stack([preprocess(open_rgb(p)) for p in paths[:batch_size]]).to(target)
         # The raw figure is timed in two halves (whole batches, as the pipeline runs them), before and
         # after the pipeline, so that a change in the load of a shared machine biases neither figure.
         raw_first = min(images, math.ceil(images / batch_size) // 2 * batch_size)
-        raw_s = _time_raw_forward(model, batch, raw_first, target)
-        run = dict(cache_dir=Path(tmp) / "cache", batch_size=batch_size, num_workers=workers, model_name=model_name)
-        start = time.perf_counter()
-        first = embed_paths(model, preprocess, paths, **run)
-        pipeline_s = time.perf_counter() - start
-        raw_s += _time_raw_forward(model, batch, images - raw_first, target)
+        for i in range(rounds):
+            run = dict(cache_dir=Path(tmp) / f"cache{i}", batch_size=batch_size, num_workers=workers,
+                       model_name=model_name)
+            raw_s = _time_raw_forward(model, batch, raw_first, target)
+            start = time.perf_counter()
+            first = embed_paths(model, preprocess, paths, **run)
+            pipeline_times.append(time.perf_counter() - start)
+            raw_times.append(raw_s + _time_raw_forward(model, batch, images - raw_first, target))
         start = time.perf_counter()
         second = embed_paths(model, preprocess, paths, **run)
         cached_s = time.perf_counter() - start
     if not np.array_equal(first.embeddings, second.embeddings) or len(first.failures):
         raise RuntimeError("benchmark check failed: cached embeddings differ from computed ones, or images failed")
+    raw_s, pipeline_s = float(np.median(raw_times)), float(np.median(pipeline_times))
+    ratios = [r / p for r, p in zip(raw_times, pipeline_times)]
     return {
         "model": model_name,
         "device": str(target),
         "images": images,
+        "rounds": rounds,
         "raw_model_img_s": round(images / raw_s, 2),
         "pipeline_img_s": round(images / pipeline_s, 2),
-        "pipeline_vs_raw": round(raw_s / pipeline_s, 3),
+        "pipeline_vs_raw": round(float(np.median(ratios)), 3),
+        "pipeline_vs_raw_rounds": [round(r, 3) for r in ratios],
         "cached_img_s": round(images / cached_s, 1),
         "cache_speedup": round(pipeline_s / cached_s, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "batch_size": batch_size,
         "num_workers": workers,
+        "decoded_at_px": input_size(preprocess),  # JPEGs decoded at reduced scale down to this size (open_rgb)
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 2),  # this run included: above ~2-3 means other work shared the 2 cores
@@ -255,7 +270,8 @@ def benchmark_gallery(sizes: Sequence[int] = (10_000, 100_000, 1_000_000), dim: 
     index: real embeddings cluster, which raises IVF recall. Per size: build seconds, queries per
     second (the median of ``repeats`` rounds in which the backends take turns, so a change in the
     machine's load hits them alike), memory (the float32 gallery; each FAISS index's vectors, ids
-    and centroids, from its layout) and recall@k of each FAISS index against exact search.
+    and centroids, from its layout; the process's peak resident memory so far, all indexes of the
+    size held at once) and recall@k of each FAISS index against exact search.
     """
     import faiss
 
@@ -285,6 +301,7 @@ def benchmark_gallery(sizes: Sequence[int] = (10_000, 100_000, 1_000_000), dim: 
                 index_bytes = gallery.nbytes + (size * 8 + nlist * dim * 4 if nlist else 0)
                 entry.update(index_mb=index_bytes / 2**20, recall_at_k=_recall(ids[backend], ids["exact"]),
                              **indexes[backend].settings)
+        row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # process, so far
         results.append(row)
         del gallery, indexes
     return {"dim": dim, "k": k, "queries": queries, "seed": seed, "repeats": repeats,
@@ -318,75 +335,89 @@ def benchmark_stages(sizes: Sequence[int] = (200, 800, 3200), model_name: str = 
     a fresh cache), ``train_linear_probe`` (``training.train`` on the cached embeddings, ``epochs``
     epochs, checkpoints and calibration included), ``predict_geolocate`` (zero-shot and fine-tuned
     region predictions of the test split; every coordinate method tuned on validation against the
-    training gallery and answering the test split; ``geo_methods``, default all) and ``metrics`` (``metrics_json`` with
-    ``n_boot`` bootstrap resamples). Memory: the peak of this process's resident memory during the
-    stage above its level at the stage's start, sampled every 5 ms (embedding workers are other
-    processes and not included). Random weights: the figures are timings, not accuracies.
+    training gallery and answering the test split; ``geo_methods``, default all) and ``metrics``
+    (``metrics_json`` with ``n_boot`` bootstrap resamples).
+
+    Each size runs in a process of its own, so that memory freed by a smaller size and
+    kept by the allocator cannot hide a larger size's needs. Memory: the peak of that process's
+    resident memory during the stage above its level at the stage's start, sampled every 5 ms
+    (embedding workers are other processes and not included). Random weights: the figures are
+    timings, not accuracies.
     """
+    from lageo_utils.geolocate import METHODS
+
+    methods = tuple(geo_methods or METHODS)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"sizes must be positive image counts, got {list(sizes)}")
+    target = resolve_device(device)
+    settings = dict(model_name=model_name, pretrained=pretrained, image_size=image_size, epochs=epochs, n_boot=n_boot,
+                    methods=methods, device=target, seed=seed)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lageo-bench-stages-") as tmp:
+        for size in sizes:
+            # spawn, not fork: a fork copies the locks other threads hold (torch's, logging's) and can hang
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results.append(pool.submit(_stages_at, size, Path(tmp) / f"n{size}", **settings).result())
+    return {"model": model_name, "device": str(target), "image_size": image_size, "epochs": epochs,
+            "n_boot": n_boot, "geo_methods": list(methods), "num_workers": default_num_workers(None),
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_avg_1min": round(os.getloadavg()[0], 2), "results": results}
+
+
+def _stages_at(size: int, folder: Path, *, model_name: str, pretrained: str | None, image_size: int, epochs: int,
+               n_boot: int, methods: tuple[str, ...], device: torch.device, seed: int) -> dict:
+    """``benchmark_stages`` at one size, in this process."""
     from lageo_utils.data import read_manifest
     from lageo_utils.demo import HEADINGS, build_demo
     from lageo_utils.embed import embed_manifest
-    from lageo_utils.geolocate import METHODS, Gallery, answer_all, fit_locator
+    from lageo_utils.geolocate import Gallery, answer_all, fit_locator
     from lageo_utils.metrics import metrics_json
     from lageo_utils.predict import GeoPredictor, load_finetuned, predictions_from_embeddings
     from lageo_utils.runs import SPLITS
     from lageo_utils.splits import split
     from lageo_utils.training.loop import train
 
-    methods = tuple(geo_methods or METHODS)
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"sizes must be positive image counts, got {list(sizes)}")
-    target = resolve_device(device)
     regions = load_regions()
-    clip = load_clip(model_name, pretrained, device=target)
+    clip = load_clip(model_name, pretrained, device=device)
     model, preprocess, tokenizer = clip
-    results = []
-    with tempfile.TemporaryDirectory(prefix="lageo-bench-stages-") as tmp:
-        for size in sizes:
-            folder = Path(tmp) / f"n{size}"
-            data_dir, cache = folder / "data", folder / "cache"
-            stages: dict[str, dict] = {}
-            per_region = max(1, round(size / (len(HEADINGS) * len(regions))))
-            with _stage(stages, "generate"):
-                build_demo(data_dir, points_per_region=per_region, seed=seed, image_size=image_size, regions=regions)
-            with _stage(stages, "manifest_split"):
-                manifest, _ = read_manifest(data_dir / "manifest.csv", regions)
-                parts = split(manifest, "location", seed=seed)
-            with _stage(stages, "embed"):
-                embedded = {name: embed_manifest(model, preprocess, parts[name], data_dir, cache_dir=cache,
-                                                 device=target, model_name=model_name) for name in SPLITS}
-            with _stage(stages, "train_linear_probe"):
-                config = TrainConfig(strategy="linear_probe", model_name=model_name, pretrained=pretrained,
-                                     epochs=epochs, seed=seed)
-                trained = train(parts["train"], parts["val"], regions, data_dir, folder / "train", config,
-                                device=target, cache_dir=cache, clip=clip)
-            with _stage(stages, "predict_geolocate"):
-                zeroshot = GeoPredictor(model, preprocess, tokenizer, regions, device=target, model_name=model_name)
-                finetuned = load_finetuned(trained.best_checkpoint, regions, target, clip=clip)
-                test = parts["test"]
-                predictions = {name: predictions_from_embeddings(predictor, test, embedded["test"])
-                               for name, predictor in (("zeroshot", zeroshot), ("finetuned", finetuned))}
-                rows = {name: parts[name].iloc[embedded[name].rows].reset_index(drop=True) for name in SPLITS}
-                gallery = Gallery.from_rows(rows["train"], embedded["train"].embeddings, finetuned.region_ids)
-                val_embeddings = embedded["val"].embeddings
-                locator = fit_locator(finetuned.centroids, gallery, val_embeddings,
-                                      finetuned.probabilities(val_embeddings), rows["val"]["latitude"].to_numpy(float),
-                                      rows["val"]["longitude"].to_numpy(float), methods=methods, seed=seed)
-                test_embeddings = embedded["test"].embeddings
-                answer_all(locator, rows["test"], test_embeddings, finetuned.probabilities(test_embeddings),
-                           finetuned.region_ids, methods)
-            with _stage(stages, "metrics"):
-                metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, {},
-                             {name: len(parts[name]) for name in SPLITS}, n_boot=n_boot, seed=seed)
-            images = len(manifest)
-            for entry in stages.values():
-                entry.update(ms_per_image=round(1000 * entry["seconds"] / images, 3),
-                             peak_kb_per_image=round(1024 * entry["peak_extra_mb"] / images, 1))
-            results.append({"images": images, "splits": {name: len(parts[name]) for name in SPLITS},
-                            "stages": stages})
-    return {"model": model_name, "device": str(target), "image_size": image_size, "epochs": epochs,
-            "n_boot": n_boot, "geo_methods": list(methods), "num_workers": default_num_workers(None), "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2), "results": results}
+    data_dir, cache = folder / "data", folder / "cache"
+    stages: dict[str, dict] = {}
+    per_region = max(1, round(size / (len(HEADINGS) * len(regions))))
+    with _stage(stages, "generate"):
+        build_demo(data_dir, points_per_region=per_region, seed=seed, image_size=image_size, regions=regions)
+    with _stage(stages, "manifest_split"):
+        manifest, _ = read_manifest(data_dir / "manifest.csv", regions)
+        parts = split(manifest, "location", seed=seed)
+    with _stage(stages, "embed"):
+        embedded = {name: embed_manifest(model, preprocess, parts[name], data_dir, cache_dir=cache, device=device,
+                                         model_name=model_name) for name in SPLITS}
+    with _stage(stages, "train_linear_probe"):
+        config = TrainConfig(strategy="linear_probe", model_name=model_name, pretrained=pretrained, epochs=epochs,
+                             seed=seed)
+        trained = train(parts["train"], parts["val"], regions, data_dir, folder / "train", config, device=device,
+                        cache_dir=cache, clip=clip)
+    with _stage(stages, "predict_geolocate"):
+        zeroshot = GeoPredictor(model, preprocess, tokenizer, regions, device=device, model_name=model_name)
+        finetuned = load_finetuned(trained.best_checkpoint, regions, device, clip=clip)
+        predictions = {name: predictions_from_embeddings(predictor, parts["test"], embedded["test"])
+                       for name, predictor in (("zeroshot", zeroshot), ("finetuned", finetuned))}
+        rows = {name: parts[name].iloc[embedded[name].rows].reset_index(drop=True) for name in SPLITS}
+        gallery = Gallery.from_rows(rows["train"], embedded["train"].embeddings, finetuned.region_ids)
+        val_embeddings = embedded["val"].embeddings
+        locator = fit_locator(finetuned.centroids, gallery, val_embeddings, finetuned.probabilities(val_embeddings),
+                              rows["val"]["latitude"].to_numpy(float), rows["val"]["longitude"].to_numpy(float),
+                              methods=methods, seed=seed)
+        test_embeddings = embedded["test"].embeddings
+        answer_all(locator, rows["test"], test_embeddings, finetuned.probabilities(test_embeddings),
+                   finetuned.region_ids, methods)
+    with _stage(stages, "metrics"):
+        metrics_json(predictions["zeroshot"], predictions["finetuned"], regions, {},
+                     {name: len(parts[name]) for name in SPLITS}, n_boot=n_boot, seed=seed)
+    images = len(manifest)
+    for entry in stages.values():
+        entry.update(ms_per_image=round(1000 * entry["seconds"] / images, 3),
+                     peak_kb_per_image=round(1024 * entry["peak_extra_mb"] / images, 1))
+    return {"images": images, "splits": {name: len(parts[name]) for name in SPLITS}, "stages": stages}
 
 
 @contextlib.contextmanager

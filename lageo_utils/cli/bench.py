@@ -14,6 +14,7 @@ def register(subparsers) -> None:
     embed.add_argument("--batch-size", type=int, default=64)
     embed.add_argument("--num-workers", type=int, default=None)
     embed.add_argument("--device", default="auto")
+    embed.add_argument("--rounds", type=int, default=1, help="(raw, pipeline) pairs timed in turn; medians reported")
     embed.set_defaults(func=_embed)
 
     train = group.add_parser("train", help="training images/s and peak memory per strategy")
@@ -52,7 +53,8 @@ def _embed(args) -> int:
     from lageo_utils.bench import benchmark_embed
 
     print_json(benchmark_embed(model_name=args.model, pretrained=args.pretrained, images=args.images,
-                               batch_size=args.batch_size, num_workers=args.num_workers, device=args.device))
+                               batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                               rounds=args.rounds))
     return 0
 
 
