@@ -377,6 +377,9 @@ def _stages_at(size: int, folder: Path, *, model_name: str, pretrained: str | No
     from lageo_utils.splits import split
     from lageo_utils.training.loop import train
 
+    # A spawned process inherits "spawn" as its start method: loader workers would re-import everything. This one
+    # is fresh (no threads yet), so forked workers are safe, as in a normal run.
+    multiprocessing.set_start_method("fork", force=True)
     regions = load_regions()
     clip = load_clip(model_name, pretrained, device=device)
     model, preprocess, tokenizer = clip
