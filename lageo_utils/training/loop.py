@@ -410,7 +410,7 @@ def _head_only_settings(run: _Run):
     took 3 s with one thread and 60 s with two on this project's 2-core machine. Deterministic mode
     fills every new tensor with NaN (``fill_uninitialized_memory``) so that reading uninitialised
     memory is reproducible; every op of a head step writes its whole output, so the filling only
-    costs time (a tenth of a step of these tiny tensors) and changes no number.
+    costs time (a write per new tensor, of which a step makes dozens) and changes no number.
     """
     threads, fill = torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory
     if run.device.type == "cpu" and not run.train.images:
