@@ -1,6 +1,7 @@
 """Image embeddings at speed: a DataLoader pipeline and an on-disk cache keyed by content.
 
-Worker processes decode and preprocess images while the main process runs the model; each
+Worker processes decode and preprocess images while the main process runs the model; JPEGs
+at least twice the model input are decoded at reduced scale (see ``images.open_rgb``). Each
 image's embedding is stored under the hash of its bytes, in a cache directory per model
 (name, weights, preprocessing, decoder, precision, inference engine), so a re-run computes nothing.
 """
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lageo_utils.engines import check_engine, image_encoder
 from lageo_utils.files import atomic_write
-from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
+from lageo_utils.images import ImageDataset, collate_skip_failures, decoder_settings, default_num_workers, input_size
 from lageo_utils.model import autocast, autocast_dtype, has_text_tower, resolve_device, weights_identity
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _compute(model, encoder, preprocess, files: list[Path], batch_size: int, num
     """Run files through the loader and ``encoder`` (the model's image encoder, as an engine runs it): ``((positions, vectors), {position: reason})``."""
     workers = min(default_num_workers(num_workers), math.ceil(len(files) / batch_size))
     loader = DataLoader(
-        ImageDataset([str(f) for f in files], preprocess),
+        ImageDataset([str(f) for f in files], preprocess, min_size=input_size(preprocess)),
         # Each worker prepares a share of a forward batch, so the first batch is ready `workers` times sooner.
         batch_size=math.ceil(batch_size / max(1, workers)),
         num_workers=workers,
@@ -231,7 +232,7 @@ class EmbeddingCache:
             "model": model_name or type(model).__name__,
             "weights": weights_identity(model),
             "preprocess": re.sub(r" at 0x[0-9a-f]+", "", repr(preprocess)),  # drop per-process addresses
-            "decoder": DECODER_SETTINGS,
+            "decoder": decoder_settings(input_size(preprocess)),
             "precision": _precision(device),
             "engine": engine,  # an engine's embeddings differ from eager's in the last digits: never mixed
         }

@@ -7,7 +7,9 @@ What happens to a huge image (Pillow's decompression-bomb guard stays on, limit
 - between the limit and twice the limit (e.g. 12000 x 12000 = 144 Mpx): a JPEG is decoded at 1/8
   scale in the DCT domain (1500 x 1500, never materialised at full size); any other format is
   refused and reported;
-- within the limit: decoded; JPEGs larger than ``DRAFT_SIZE`` are decoded at a reduced scale.
+- within the limit: decoded; JPEGs larger than ``DRAFT_SIZE`` are decoded at a reduced scale, or,
+  when the caller gives the size it needs (``min_size``: the model input), JPEGs at least twice
+  that size are decoded at the largest DCT reduction that keeps both sides at least that large.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ class ImageReadError(Exception):
         self.reason = reason
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as upright RGB, decoding big JPEGs at reduced scale; raise ImageReadError on failure."""
+def open_rgb(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
+    """Open an image as upright RGB, decoding big JPEGs at reduced scale; raise ImageReadError on failure.
+
+    ``min_size``: the smallest side the caller needs (the model input, which preprocessing resizes the short
+    side to); a JPEG is then decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay at least this large.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -51,7 +57,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with a clear reason
             img = Image.open(path)
         with img:
-            _decode_within_limit(img, path)
+            _decode_within_limit(img, path, min_size)
             ImageOps.exif_transpose(img, in_place=True)  # phone photos: turn upright by their EXIF tag
             return to_rgb(img)
     except ImageReadError:
@@ -68,7 +74,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(path, f"could not be decoded ({type(exc).__name__}: {exc})") from None
 
 
-def _decode_within_limit(img: Image.Image, path: Path) -> None:
+def _decode_within_limit(img: Image.Image, path: Path, min_size: int | None) -> None:
     width, height = img.size
     limit = Image.MAX_IMAGE_PIXELS
     if limit and width * height > limit:
@@ -82,7 +88,8 @@ def _decode_within_limit(img: Image.Image, path: Path) -> None:
         if img.size[0] * img.size[1] > limit:
             raise ImageReadError(path, f"too large: {width}x{height} px JPEG that cannot be decoded at reduced scale")
     elif img.format == "JPEG":
-        img.draft("RGB", DRAFT_SIZE)  # DCT-domain downscale: bounded memory, faster decode
+        # DCT-domain downscale (Pillow picks the largest that keeps both sides >= the size): faster decode
+        img.draft("RGB", (min_size, min_size) if min_size else DRAFT_SIZE)
     img.load()
 
 
@@ -98,6 +105,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, I, I;16, F, CMYK, YCbCr, LAB, HSV, P without transparency
 
 
+def decoder_settings(min_size: int | None = None) -> str:
+    """How images are decoded, for cache keys: ``DECODER_SETTINGS``, plus the draft size when one is given."""
+    return DECODER_SETTINGS if min_size is None else f"{DECODER_SETTINGS}-min{min_size}"
+
+
+def input_size(transform) -> int | None:
+    """The size the short side of an image is resized to by ``transform`` (its first ``Resize``), if any."""
+    from torchvision import transforms as T
+
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, T.Resize):
+            size = step.size
+            return int(size if isinstance(size, int) else max(size))
+    return None
+
+
 def default_num_workers(requested: int | None = None) -> int:
     """Image loader worker processes: ``requested``, or one per core, at most 4 (the one policy of every loader)."""
     return requested if requested is not None else min(4, os.cpu_count() or 1)
@@ -109,10 +132,12 @@ class ImageDataset(Dataset):
     Use ``collate_skip_failures`` as the loader's ``collate_fn`` so failures are reported, not fatal.
     """
 
-    def __init__(self, paths: list[str], transform, root: str | os.PathLike | None = None):
+    def __init__(self, paths: list[str], transform, root: str | os.PathLike | None = None,
+                 min_size: int | None = None):
         self.paths = list(paths)
         self.transform = transform
         self.root = Path(root) if root is not None else None
+        self.min_size = min_size  # see open_rgb
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -120,7 +145,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         path = self.root / self.paths[index] if self.root is not None else Path(self.paths[index])
         try:
-            img = open_rgb(path)
+            img = open_rgb(path, self.min_size)
         except ImageReadError as exc:
             return None, index, exc.reason
         width, height = img.size

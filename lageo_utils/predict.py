@@ -27,7 +27,7 @@ from lageo_utils.checkpoints import CheckpointError, load_checkpoint
 from lageo_utils.embed import EmbeddingResult, embed_manifest
 from lageo_utils.engines import image_encoder
 from lageo_utils.geo import haversine_km
-from lageo_utils.images import open_rgb, to_rgb
+from lageo_utils.images import input_size, open_rgb, to_rgb
 from lageo_utils.model import autocast, has_text_tower, load_model, resolve_device, weights_identity
 from lageo_utils.prompts import encode_region_texts
 from lageo_utils.regions import assign_regions
@@ -123,7 +123,8 @@ class ImageEncoder:
 
     def embed_image(self, image_or_path: Image.Image | str | os.PathLike) -> torch.Tensor:
         """The L2-normalised embedding (1 x dim) of one image or image file (ImageReadError if unreadable)."""
-        image = to_rgb(image_or_path) if isinstance(image_or_path, Image.Image) else open_rgb(image_or_path)
+        image = (to_rgb(image_or_path) if isinstance(image_or_path, Image.Image)
+                 else open_rgb(image_or_path, min_size=input_size(self.preprocess)))  # as the embedding pipeline
         pixels = self.preprocess(image).unsqueeze(0).to(self.device)
         with torch.no_grad(), autocast(self.device):
             features = self.encode_image(pixels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lageo_utils.bench import benchmark_embed
+from lageo_utils.bench import benchmark_embed, write_test_jpegs
 from lageo_utils.embed import embed_manifest, embed_paths
-from lageo_utils.images import open_rgb
+from lageo_utils.images import DECODER_SETTINGS, decoder_settings, input_size, open_rgb
 from lageo_utils.model import TINY_MODEL, load_clip
 
 
@@ -47,8 +49,8 @@ def _write_images(folder, count: int, seed: int = 0) -> list[str]:
     return names
 
 
-def _reference(model, preprocess, paths) -> np.ndarray:
-    batch = torch.stack([preprocess(open_rgb(p)) for p in paths])
+def _reference(model, preprocess, paths, min_size: int | None = None) -> np.ndarray:
+    batch = torch.stack([preprocess(open_rgb(p, min_size)) for p in paths])
     with torch.no_grad():
         return F.normalize(model.encode_image(batch), dim=-1).numpy()
 
@@ -143,6 +145,21 @@ def test_cache_miss_on_a_changed_model_or_preprocessing(tmp_path):
     preprocess.transforms[0].size = 48  # resize before the crop: different pixels
     embed_paths(model, preprocess, paths, cache_dir=cache, num_workers=0)
     assert len(list(cache.iterdir())) == 3
+
+
+def test_large_jpegs_are_decoded_at_reduced_scale_and_the_cache_key_says_so(tiny, tmp_path):
+    model, preprocess = tiny
+    paths = write_test_jpegs(tmp_path / "street", 3)  # 640 x 640 like Street View; the tiny model's input is 64 px
+    assert input_size(preprocess) == 64 and open_rgb(paths[0], 64).size == (80, 80)
+
+    result = embed_paths(model, preprocess, paths, cache_dir=tmp_path / "cache", num_workers=0)
+
+    reduced, full = (_reference(model, preprocess, paths, min_size) for min_size in (64, None))
+    np.testing.assert_allclose(result.embeddings, reduced, atol=1e-5)
+    assert np.abs(reduced - full).max() > 1e-4  # other pixels, so the cache must not mix the two
+    assert (reduced * full).sum(axis=1).min() > 0.999  # but the same picture
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert json.loads((folder / "meta.json").read_text())["decoder"] == decoder_settings(64) != DECODER_SETTINGS
 
 
 def test_duplicate_contents_are_embedded_once(counted, tmp_path):

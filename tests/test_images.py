@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lageo_utils.images import ImageDataset, ImageReadError, collate_skip_failures, open_rgb, to_rgb
+from lageo_utils.images import ImageDataset, ImageReadError, collate_skip_failures, input_size, open_rgb, to_rgb
 
 RED = (200, 30, 40)
 
@@ -177,6 +177,28 @@ def test_large_jpeg_within_the_limit_is_decoded_at_reduced_scale(tmp_path):
     path = tmp_path / "large.jpg"
     path.write_bytes(_jpeg_bytes((2100, 2100)))
     assert open_rgb(path).size == (1050, 1050)  # draft to the first scale at least 1024 px
+
+
+@pytest.mark.parametrize(("size", "min_size", "decoded"), [
+    ((640, 640), 224, (320, 320)),  # Street View size for a 224 px model: half scale
+    ((640, 480), 224, (320, 240)),  # the short side stays at least the model input
+    ((640, 447), 224, (640, 447)),  # half scale would take the short side below 224: full size
+    ((640, 640), 64, (80, 80)),  # a 64 px model: eighth scale
+])
+def test_jpeg_is_decoded_small_but_never_below_the_size_asked_for(tmp_path, size, min_size, decoded):
+    path = tmp_path / "street.jpg"
+    path.write_bytes(_jpeg_bytes(size))
+    assert open_rgb(path).size == size
+    assert open_rgb(path, min_size).size == decoded
+    assert ImageDataset([str(path)], lambda im: torch.tensor(im.size), min_size=min_size)[0][0].tolist() == list(decoded)
+
+
+def test_input_size_is_the_first_resize_of_the_preprocessing():
+    from torchvision import transforms as T
+
+    assert input_size(T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor()])) == 224
+    assert input_size(T.Compose([T.Resize((200, 300)), T.ToTensor()])) == 300  # both sides must stay large enough
+    assert input_size(T.ToTensor()) is None
 
 
 def test_dataset_reports_failures_and_loader_skips_them(tmp_path):

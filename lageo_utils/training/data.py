@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, TensorDataset
 
 from lageo_utils.data import read_manifest
 
 
-def collate_embeddings(batch: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Stack ``(embedding, index)`` items; an empty batch (a process's empty slice) gives ``(None, no indices)``."""
-    if not batch:
-        return None, torch.empty(0, dtype=torch.long)
-    return default_collate(batch)
+class TensorBatches:
+    """``(embeddings, indices)`` batches of an in-memory ``TensorDataset``, by index slicing.
+
+    What a DataLoader with a batch sampler yields for these tensors, without its per-item fetch and
+    collate (most of the time of head-only training on cached embeddings). An empty slice (a
+    process's share of a short last batch) gives ``(None, no indices)``.
+    """
+
+    def __init__(self, dataset: TensorDataset, batch_sampler: Sampler[list[int]]):
+        self.tensors = dataset.tensors
+        self.batch_sampler = batch_sampler
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+        for batch in self.batch_sampler:
+            if not batch:
+                yield None, torch.empty(0, dtype=torch.long)
+                continue
+            rows = torch.as_tensor(batch, dtype=torch.long)
+            yield tuple(t[rows] for t in self.tensors)
 
 
 @dataclass

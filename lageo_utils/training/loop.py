@@ -48,7 +48,7 @@ from lageo_utils.training.config import (
     TEXT_STRATEGIES,
     TrainConfig,
 )
-from lageo_utils.training.data import TrainData, checked_manifest, collate_embeddings, frame_hash
+from lageo_utils.training.data import TensorBatches, TrainData, checked_manifest, frame_hash
 from lageo_utils.training.distributed import (
     ONE,
     GlobalBatchSampler,
@@ -276,28 +276,27 @@ def _needs_grad_scaler(device: torch.device) -> bool:
     return device.type == "cuda" and autocast_dtype(device) == torch.float16
 
 
-def _workers(config: TrainConfig, data: TrainData) -> int:
-    return default_num_workers(config.num_workers) if data.images else 0
-
-
-def _loader(run: _Run, data: TrainData, shuffle: bool, epoch: int) -> DataLoader:
+def _loader(run: _Run, data: TrainData, shuffle: bool, epoch: int) -> DataLoader | TensorBatches:
     # The shuffle order is fixed by (seed, epoch), so a resumed epoch repeats it; every process draws the same one and
     # takes its slice of each global batch. Validation: the data in order, each process its slice of each batch.
     # Workers are seeded from the generator (torch seeds random, numpy and torch in each worker from the loader's
     # base seed).
     seed = run.config.seed * 1_000_003 + epoch
     batch_size = run.config.batch_size if shuffle else max(run.config.batch_size, run.config.embed_batch_size)
+    batches = GlobalBatchSampler(len(data.labels), batch_size, run.processes, seed if shuffle else None)
+    if not data.images:  # cached embeddings, in memory: sliced by index, no loader
+        return TensorBatches(data.dataset, batches)
     return DataLoader(
         data.dataset,
-        batch_sampler=GlobalBatchSampler(len(data.labels), batch_size, run.processes, seed if shuffle else None),
+        batch_sampler=batches,
         generator=torch.Generator().manual_seed(seed),
-        num_workers=_workers(run.config, data),
-        collate_fn=collate_skip_failures if data.images else collate_embeddings,
+        num_workers=default_num_workers(run.config.num_workers),
+        collate_fn=collate_skip_failures,
         pin_memory=run.device.type == "cuda",
     )
 
 
-def _batches(run: _Run, data: TrainData, loader: DataLoader):
+def _batches(run: _Run, data: TrainData, loader: DataLoader | TensorBatches):
     """Yield ``(inputs, labels)`` on the device; record unreadable images and skip empty batches."""
     for batch in loader:
         if data.images:
@@ -332,6 +331,7 @@ def train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
     train_classes = torch.unique(data.labels).to(run.device)
     remap = torch.full((len(run.region_ids),), -1, dtype=torch.long, device=run.device)
     remap[train_classes] = torch.arange(len(train_classes), device=run.device)
+    every_class = len(train_classes) == len(run.region_ids)  # then no column selection, no remapping (same numbers)
     loader = _loader(run, data, shuffle=True, epoch=epoch)
     total = torch.zeros((), device=run.device)  # summed on the device: no sync per batch on one process
     count, pending = 0, 0
@@ -346,8 +346,10 @@ def train_epoch(run: _Run, epoch: int, on_step: StepHook | None) -> float:
         step = bool(pending) and ((i + 1) % config.grad_accum_steps == 0 or i + 1 == len(loader))
         with sync_unless(not step, run.trainee):
             if here:
-                logits = _logits(run, run.trainee, inputs)[:, train_classes]
-                loss = F.cross_entropy(logits, remap[labels], reduction="sum")
+                logits = _logits(run, run.trainee, inputs)
+                if not every_class:
+                    logits, labels = logits[:, train_classes], remap[labels]
+                loss = F.cross_entropy(logits, labels, reduction="sum")
                 # DDP averages the processes' gradients: times world, their summed losses make the global mean.
                 run.scaler.scale(loss * processes.world / (readable * config.grad_accum_steps)).backward()
                 total += loss.detach()
@@ -424,25 +426,30 @@ def _calibrate(run: _Run) -> dict:
 def fit(run: _Run, on_step: StepHook | None) -> None:
     if run.train is None:
         return
-    with _head_only_threads(run):
+    with _head_only_settings(run):
         _epochs(run, on_step)
 
 
 @contextlib.contextmanager
-def _head_only_threads(run: _Run):
-    """One intra-op thread for head-only training on the CPU, restored afterwards.
+def _head_only_settings(run: _Run):
+    """For head-only training on the CPU: one intra-op thread, no NaN filling of new tensors; restored afterwards.
 
     Its matrix products (batch x embedding dim x regions) are too small to gain from more threads,
     and on busy shared cores the extra threads wait on each other: 8 epochs on 6,000 embeddings
-    took 3 s with one thread and 60 s with two on this project's 2-core machine.
+    took 3 s with one thread and 60 s with two on this project's 2-core machine. Deterministic mode
+    fills every new tensor with NaN (``fill_uninitialized_memory``) so that reading uninitialised
+    memory is reproducible; every op of a head step writes its whole output, so the filling only
+    costs time (a write per new tensor, of which a step makes dozens) and changes no number.
     """
-    threads = torch.get_num_threads()
+    threads, fill = torch.get_num_threads(), torch.utils.deterministic.fill_uninitialized_memory
     if run.device.type == "cpu" and not run.train.images:
         torch.set_num_threads(1)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _epochs(run: _Run, on_step: StepHook | None) -> None:
