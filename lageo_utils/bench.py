@@ -450,7 +450,7 @@ def _machine() -> dict:
     except OSError:
         pass
     versions = {}
-    for package in ("torch", "onnxruntime", "openvino", "onnxscript"):
+    for package in ("torch", "onnxruntime", "onnxscript"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

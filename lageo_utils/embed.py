@@ -87,7 +87,7 @@ def embed_paths(
 
     ``device`` defaults to the model's device (the model is moved if another is given).
     Unreadable files are skipped and listed in ``failures``; duplicates by content are embedded once.
-    ``engine`` runs the image encoder (``lageo_utils.engines``: eager, onnx, openvino); it is part of the cache key.
+    ``engine`` runs the image encoder (``lageo_utils.engines``: eager, onnx); it is part of the cache key.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

@@ -1,15 +1,15 @@
 """Faster CPU inference for the image encoder: the same ``encode_image``, run by another engine.
 
 ``eager`` is the model's own PyTorch forward (open_clip's or timm's). ``onnx`` exports ``encode_image``
-once with ``torch.onnx`` (a dynamic batch axis) and runs the file with ONNX Runtime; ``openvino`` compiles
-that same file with OpenVINO at fp32 (its default is bf16 or fp16 on CPUs that have them, which would
-change the embeddings). Exported files live under the embedding cache, one folder per model name, weights
+once with ``torch.onnx`` (a dynamic batch axis) and runs the file with ONNX Runtime. Exported files live under the embedding cache, one folder per model name, weights
 hash, image shape and exporting software, published by renaming a finished temporary folder, so a second
 run loads instead of exporting and a killed export leaves nothing half-written in use.
 
-``torch.compile`` was measured and is not offered: on the 2-core benchmark machine it was no faster than
-eager after minutes of compiling (docs/benchmarks.md, "CPU inference engines"; ``lageo bench engine
---engines eager compile`` measures it again).
+``torch.compile`` and OpenVINO were measured and are not offered (docs/benchmarks.md, "CPU inference
+engines"): ``torch.compile`` was no faster than eager after minutes of compiling on the 2-core benchmark
+machine; OpenVINO (fp32, the same ONNX file) was no faster than ONNX Runtime, and a process that had
+compiled a model with it crashed later (SIGSEGV) once DataLoader workers had been forked, as the
+embedding pipeline does.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from lageo_utils.model import weights_identity
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("eager", "onnx", "openvino")  # mirrored in lageo_utils.params.ENGINES (a test keeps them equal)
+ENGINES = ("eager", "onnx")  # mirrored in lageo_utils.params.ENGINES (a test keeps them equal)
 # The packages each exported engine imports (onnxscript: torch.onnx's exporter).
-ENGINE_PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino")}
+ENGINE_PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime")}
 ENGINE_FORMAT = 1  # bump when the export (wrapper, options) changes: older exported files are then not reused
 ENGINES_DIR = "engines"  # inside the embedding cache directory
 ONNX_FILE = "encoder.onnx"
@@ -111,7 +111,7 @@ class _EncodeImage(nn.Module):
 
 
 class ExportedEncoder:
-    """A model's ``encode_image`` through ONNX Runtime or OpenVINO, one exported file per image shape."""
+    """A model's ``encode_image`` through ONNX Runtime, one exported file per image shape."""
 
     def __init__(self, model: nn.Module, engine: str, cache_dir: str | os.PathLike | None, model_name: str | None):
         self.model = model
@@ -125,7 +125,7 @@ class ExportedEncoder:
         shape = tuple(images.shape[1:])
         if shape not in self._runners:
             folder = self.export(shape)
-            self._runners[shape] = _onnxruntime_runner(folder) if self.engine == "onnx" else _openvino_runner(folder)
+            self._runners[shape] = _onnxruntime_runner(folder)
         pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self._runners[shape](pixels))
 
@@ -199,15 +199,3 @@ def _onnxruntime_runner(folder: Path) -> Callable[[np.ndarray], np.ndarray]:
     name = session.get_inputs()[0].name
     return lambda pixels: session.run(None, {name: pixels})[0]
 
-
-def _openvino_runner(folder: Path) -> Callable[[np.ndarray], np.ndarray]:
-    import openvino
-
-    compiled = openvino.Core().compile_model(str(folder / ONNX_FILE), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32",  # equal outputs: no bf16/fp16 on CPUs that have them
-        "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all threads on it, as torch runs
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-        "CACHE_DIR": str(folder / "openvino-cache"),  # the compiled model, reused by the next run
-    })
-    request = compiled.create_infer_request()
-    return lambda pixels: request.infer({0: pixels})[0].copy()  # copy: the next call reuses the output buffer

@@ -156,7 +156,7 @@ PEER_METHODS = ("geoclip", "geoclip_finetuned")
 PROMPT_VARIANTS = ("name", "seed", "visual", "ensemble")  # mirrors lageo_utils.prompts.PROMPT_VARIANTS (tested)
 # Mirrors lageo_utils.probing.INTERVENTIONS (which imports statsmodels and PIL); a test keeps them equal.
 INTERVENTIONS = ("grayscale", "blur", "sky_mask", "ground_mask", "center_occlude", "hflip", "text_removal")
-ENGINES = ("eager", "onnx", "openvino")  # mirrors lageo_utils.engines.ENGINES (which imports torch); tested
+ENGINES = ("eager", "onnx")  # mirrors lageo_utils.engines.ENGINES (which imports torch); tested
 
 PARAMS: dict[str, Param] = {p.name: p for p in [
     # data
@@ -186,8 +186,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
           "model", optional=True),
     Param("device", str, "auto", "where models run; auto: CUDA, then Apple MPS, then the CPU", "model",
           pattern=r"auto|cpu|mps|cuda(:\d+)?", pattern_text="auto | cpu | cuda | cuda:N | mps"),
-    Param("engine", str, "eager", "what runs the image encoder when embedding: eager (PyTorch), onnx (ONNX Runtime) "
-          "or openvino; the last two run on the CPU and need the engines extra (docs/benchmarks.md)", "model",
+    Param("engine", str, "eager", "what runs the image encoder when embedding: eager (PyTorch) or onnx (ONNX Runtime, "
+          "on the CPU, the engines extra; docs/benchmarks.md)", "model",
           choices=ENGINES),
     # training
     Param("strategy", str, "linear_probe", "what fine-tuning trains (see README, Fine-tuning)", "training",

@@ -83,21 +83,21 @@ def test_engine_names_are_the_same_everywhere():
 def test_unknown_engine_and_an_accelerator_are_refused():
     with pytest.raises(ValueError, match=r"unknown engine 'onxx' \(did you mean 'onnx'\?\)"):
         check_engine("onxx")
-    with pytest.raises(ValueError, match="engine 'openvino' runs on the CPU, not on cuda"):
-        check_engine("openvino", "cuda")
+    with pytest.raises(ValueError, match="engine 'onnx' runs on the CPU, not on cuda"):
+        check_engine("onnx", "cuda")
     check_engine("eager", "cuda")  # eager runs anywhere
 
 
 def test_a_missing_package_is_one_message_with_the_pip_command_before_any_work(monkeypatch, tiny, tmp_path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
-    with pytest.raises(EngineUnavailableError, match=r"engine 'openvino' needs openvino, which is not installed: "
-                                                     r"pip install .*openvino"):
-        check_engine("openvino")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(EngineUnavailableError, match=r"engine 'onnx' needs onnxruntime, which is not installed: "
+                                                     r"pip install .*onnxruntime"):
+        check_engine("onnx")
     model, preprocess, _ = tiny
     # embed_paths refuses before reading any file: a missing file would otherwise be a failure row.
     with pytest.raises(EngineUnavailableError, match="pip install"):
-        embed_paths(model, preprocess, [str(tmp_path / "missing.jpg")], engine="openvino")
+        embed_paths(model, preprocess, [str(tmp_path / "missing.jpg")], engine="onnx")
 
     from lageo_utils.cli import main
 
@@ -105,7 +105,7 @@ def test_a_missing_package_is_one_message_with_the_pip_command_before_any_work(m
         raise AssertionError("the model was loaded before the engine was checked")
 
     monkeypatch.setattr("lageo_utils.predict.load_predictor", no_model)
-    assert main(["predict", "x.jpg", "--model", TINY_MODEL, "--pretrained", "none", "--engine", "openvino"]) == 2
+    assert main(["predict", "x.jpg", "--model", TINY_MODEL, "--pretrained", "none", "--engine", "onnx"]) == 2
 
 
 def test_lageo_run_checks_the_engine_before_any_run(monkeypatch, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lageo_utils.cli import CommandError, print_json
 
-ENGINES = ("eager", "onnx", "openvino", "compile")  # bench.BENCH_ENGINES (a test checks)
+ENGINES = ("eager", "onnx", "compile")  # bench.BENCH_ENGINES (a test checks)
 
 
 def register(subparsers) -> None:
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     engine.add_argument("--pretrained", default="none", help="random weights are fine for timing")
     engine.add_argument("--batch-size", type=int, default=32)
     engine.add_argument("--rounds", type=int, default=7, help="rounds in which the engines take turns")
-    engine.add_argument("--engines", nargs="+", choices=ENGINES, default=["eager", "onnx", "openvino"],
+    engine.add_argument("--engines", nargs="+", choices=ENGINES, default=["eager", "onnx"],
                         help="engines to measure (eager always is: the reference); compile: torch.compile, "
                              "measured but not offered")
     engine.add_argument("--check-points", type=int, default=1,

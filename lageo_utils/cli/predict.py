@@ -11,7 +11,7 @@ from lageo_utils.cli import CommandError, print_json
 
 METHODS = ("centroid", "expected", "retrieval", "region_retrieval", "geocell")  # geolocate.METHODS (a test checks)
 RUN_MODELS = ("zeroshot", "finetuned")  # runs.MODELS
-ENGINES = ("eager", "onnx", "openvino")  # engines.ENGINES (a test checks)
+ENGINES = ("eager", "onnx")  # engines.ENGINES (a test checks)
 
 
 def register(subparsers) -> None:
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="regions to list per image (default: 5)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
     parser.add_argument("--engine", default="eager", choices=ENGINES,
-                        help="what runs the image encoder: eager (PyTorch, default), onnx or openvino (CPU; the "
+                        help="what runs the image encoder: eager (PyTorch, default), or onnx (ONNX Runtime, CPU; the "
                              "engines extra; the exported model is kept in the embedding cache)")
     parser.set_defaults(func=_predict)
 
