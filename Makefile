@@ -36,7 +36,9 @@ lab: setup
 
 bench: setup
 	$(BIN)/lageo bench embed --model ViT-B-32 --pretrained none --images 256
-	$(BIN)/lageo bench train --model ViT-B-32 --strategy linear_probe --images 64
+	$(BIN)/lageo bench engine --model ViT-B-32 --pretrained none --batch-size 32 --rounds 7
+	$(BIN)/lageo bench train --model ViT-B-32 --pretrained none --strategy linear_probe --embeddings 6000 --epochs 8 --rounds 5
+	$(BIN)/lageo bench gallery --sizes 10000 100000
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,7 +29,8 @@ def test_linear_probe_benchmark_repeats_the_same_run():
     assert figures["images"] == 48 and figures["epochs_timed"] == 2 and len(figures["seconds_rounds"]) == 2
     assert figures["seconds"] == pytest.approx(sorted(figures["seconds_rounds"])[0] / 2
                                                + sorted(figures["seconds_rounds"])[1] / 2, abs=2e-3)
-    assert figures["train_img_s"] == pytest.approx(48 * 2 / figures["seconds"], rel=0.01)
+    # train_img_s comes from the unrounded median; "seconds" is rounded to the millisecond
+    assert figures["train_img_s"] == pytest.approx(48 * 2 / figures["seconds"], rel=0.01 + 5e-4 / figures["seconds"])
     assert figures["cpu_seconds"] > 0
 
 
