@@ -278,8 +278,9 @@ def test_failing_notebook_stops_and_leaves_earlier_runs_intact(demo_run, env):
     outputs = Path(env["LAGEO_OUTPUTS"])
     latest_before = (outputs / "latest").resolve()
     # A value the schema accepts but the model cannot honour: the tiny encoder has fewer blocks.
+    # seed 7 (the demo's is 42): resumed below, it is the second run of the lageo compare test
     result = lageo("run", "--profile", "demo", *REDUCED, "-p", "strategy", "partial", "-p", "unfreeze_blocks", "99",
-                   env=env, check=False)
+                   "-p", "seed", "7", env=env, check=False)
     assert result.returncode != 0
     assert "03_finetune.ipynb failed in cell" in result.stderr and "partial output" in result.stderr
     assert (outputs / "latest").resolve() == latest_before
@@ -302,6 +303,23 @@ def test_failed_run_resumes_with_finished_steps_kept(demo_run, env):
     assert (outputs / "latest").resolve() == failed.resolve()
     again = lageo("run", "--resume", str(failed), env=env, check=False)
     assert again.returncode != 0 and "is complete" in again.stderr
+
+
+def test_compare_shows_two_demo_runs_with_different_seeds(demo_run, env, tmp_path):
+    from lageo_utils.runs import read_params
+
+    runs = [p for p in (Path(env["LAGEO_OUTPUTS"]) / "runs").iterdir() if (p / "metrics.json").exists()]
+    other = next(p for p in runs if read_params(p)["seed"] == 7)  # the resumed run of the test above
+    assert read_params(demo_run)["seed"] == 42
+    lageo("compare", str(demo_run), str(other), "--out", str(tmp_path / "cmp"), "--n-boot", "50", env=env)
+    rows = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert set(rows["run"]) == {demo_run.name, other.name}
+    regions = rows[rows["method"] == "region (centroid)"]  # one accuracy row per run and model, then coordinates
+    assert sorted(zip(regions["run"], regions["model"])) == sorted(
+        (r.name, m) for r in (demo_run, other) for m in ("finetuned", "zeroshot"))
+    assert regions["accuracy_ci95"].notna().all() and rows["median_error_km_ci95"].notna().all()
+    html = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "Parameters that differ" in html and "<th>seed</th>" in html and demo_run.name in html
 
 
 def test_lageo_report_renders_into_a_new_latest_run(demo_run, env):
