@@ -13,7 +13,10 @@ from pathlib import Path
 
 import nbformat
 import papermill
+from jupyter_client.manager import AsyncKernelManager
+from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
+from traitlets import Unicode
 from traitlets.config import Config
 
 from lageo_utils.backbones import IMAGE_STRATEGIES, is_image_only, requested_strategies, trained_strategies
@@ -111,28 +114,52 @@ def cell_timeout() -> int | None:
     return int(value) if value else None
 
 
+class LoggedKernelManager(AsyncKernelManager):
+    """A local kernel whose process output goes to a file instead of the terminal.
+
+    A kernel writes its own log (e.g. "KeyboardInterrupt caught in kernel" when papermill interrupts it on
+    shutdown) and whatever native libraries print straight to its inherited stdout/stderr, outside any cell.
+    Sending that to ``kernel_log`` keeps the terminal at one line per step and keeps every word of it."""
+
+    kernel_log = Unicode(help="File the kernel process's stdout and stderr are appended to.").tag(config=True)
+
+    async def start_kernel(self, **kw) -> None:
+        with open(self.kernel_log, "ab") as log:  # the kernel holds its own copy of the descriptor
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            await super().start_kernel(**kw)
+
+
 def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = None) -> Path:
     """Execute one notebook with the parameters it declares; its executed copy goes into the run."""
     source = NOTEBOOKS_DIR / f"{step}.ipynb"
     wanted = notebook_parameters(source)
     given = {k: v for k, v in params.items() if k in wanted}
     given["run_dir"] = str(run_dir)
-    target = RunDir(run_dir).notebook(step)
+    target, kernel_log = RunDir(run_dir).notebook(step), RunDir(run_dir).kernel_log(step)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(prefix="lageo-kernel-") as sockets:
-            # Local kernels talk over Unix sockets: no TCP ports, no "running over TCP without encryption" warning
-            # from every kernel on the terminal, and a folder of their own, so runs side by side never share one.
-            config = Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "kernel")}})
+            # Local kernels talk over Unix sockets: no TCP ports, no "running over TCP without encryption" warning,
+            # and a folder of their own, so runs side by side never share one.
+            config = Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "kernel")},
+                             "LoggedKernelManager": {"kernel_log": str(kernel_log)}})
             papermill.execute_notebook(str(source), str(target), parameters=given, cwd=str(NOTEBOOKS_DIR),
                                        kernel_name=kernel_name or PAPERMILL_KERNEL, progress_bar=False,
-                                       config=config, execution_timeout=cell_timeout())
+                                       config=config, kernel_manager_class=LoggedKernelManager,
+                                       execution_timeout=cell_timeout())
     except PapermillExecutionError as exc:
         raise StepFailed(
             f"notebook {source.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
-            f"{exc.ename}: {exc.evalue}\npartial output: {target}"
+            f"{exc.ename}: {exc.evalue}\npartial output: {target}{_kernel_log_hint(kernel_log)}"
         ) from None
+    except DeadKernelError as exc:  # the kernel process died (killed, out of memory, a native crash)
+        raise StepFailed(f"notebook {source.name}: {type(exc).__name__}: {exc}{_kernel_log_hint(kernel_log)}") from None
     return target
+
+
+def _kernel_log_hint(kernel_log: Path) -> str:
+    return f"\nkernel log: {kernel_log}" if kernel_log.exists() and kernel_log.stat().st_size else ""
 
 
 def render_report(executed_report: Path, html_path: Path) -> Path:

@@ -217,6 +217,10 @@ class RunDir(type(Path())):  # type(Path()): the concrete Path class of this pla
     def notebook(self, step: str) -> Path:
         return self / NOTEBOOKS / f"{step}.ipynb"
 
+    def kernel_log(self, step: str) -> Path:
+        """What the step's kernel process wrote to its own stdout and stderr (its log, native libraries)."""
+        return self / NOTEBOOKS / f"{step}.kernel.log"
+
     @property
     def report(self) -> Path:
         return self / REPORT

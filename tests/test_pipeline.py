@@ -75,6 +75,26 @@ def test_terminal_output_is_one_line_per_step(demo_result):
     assert "Kernel is running over TCP" not in demo_result.stderr and "open_clip" not in demo_result.stderr
 
 
+def test_kernel_process_output_goes_to_the_kernel_log_not_the_terminal(tmp_path, capfd):
+    """What a kernel writes outside any cell (its own log, native libraries) must not break the one line per step."""
+    import nbformat
+    from nbclient import NotebookClient
+    from traitlets.config import Config
+
+    from lageo_utils.pipeline import LoggedKernelManager
+
+    log_file = tmp_path / "step.kernel.log"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import os\nos.write(1, b'native stdout\\n')\nos.write(2, b'native stderr\\n')\nprint('cell output')")])
+    client = NotebookClient(notebook, kernel_name=PAPERMILL_KERNEL, kernel_manager_class=LoggedKernelManager,
+                            config=Config({"LoggedKernelManager": {"kernel_log": str(log_file)}}))
+    client.execute()
+    assert notebook.cells[0].outputs[0]["text"] == "cell output\n"  # cell output still reaches the notebook
+    assert "native stdout" in log_file.read_text() and "native stderr" in log_file.read_text()
+    captured = capfd.readouterr()
+    assert "native" not in captured.out and "native" not in captured.err
+
+
 def test_run_directory_has_every_file(demo_run, env):
     outputs = Path(env["LAGEO_OUTPUTS"])
     assert demo_run.parent == outputs / "runs"
@@ -90,6 +110,8 @@ def test_run_directory_has_every_file(demo_run, env):
     executed = sorted(p.name for p in (demo_run / "notebooks").glob("*.ipynb"))
     assert executed == ["01_explore_data.ipynb", "02_zero_shot.ipynb", "03_finetune.ipynb", "04_evaluate.ipynb",
                         "05_report.ipynb"]
+    kernel_logs = sorted(p.name for p in (demo_run / "notebooks").glob("*.kernel.log"))
+    assert kernel_logs == [name.replace(".ipynb", ".kernel.log") for name in executed]
     assert len(list((demo_run / "figures").glob("*.png"))) >= 12
     assert len(pd.read_csv(demo_run / "history.csv")) == 2
     audit = json.loads((demo_run / "audit.json").read_text())
