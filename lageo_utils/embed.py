@@ -146,20 +146,21 @@ def _compute(model, encoder, preprocess, files: list[Path], batch_size: int, num
              device: torch.device):
     """Run files through the loader and ``encoder`` (the model's image encoder, as an engine runs it): ``((positions, vectors), {position: reason})``."""
     workers = min(default_num_workers(num_workers), math.ceil(len(files) / batch_size))
+    chunks = loader_chunks(len(files), batch_size, workers)
     loader = DataLoader(
         ImageDataset([str(f) for f in files], preprocess, min_size=input_size(preprocess)),
-        # Each worker prepares a share of a forward batch, so the first batch is ready `workers` times sooner.
-        batch_size=math.ceil(batch_size / max(1, workers)),
+        batch_sampler=chunks,
         num_workers=workers,
         collate_fn=collate_skip_failures,
         pin_memory=device.type == "cuda",
     )
+    first_batch = sum(len(c) for c in chunks[:workers]) if workers else batch_size
     positions, vectors, failures = [], [], {}
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), autocast(device), tqdm(total=len(files), unit="img", desc="embedding") as bar:
-            for images, indices in _forward_batches(loader, batch_size, device, failures, bar):
+            for images, indices in _forward_batches(loader, first_batch, batch_size, device, failures, bar):
                 features = encoder(images)
                 vectors.append(F.normalize(features.float(), dim=-1).cpu().numpy())
                 positions.append(indices.numpy())
@@ -172,19 +173,42 @@ def _compute(model, encoder, preprocess, files: list[Path], batch_size: int, num
     return (np.concatenate(positions), np.concatenate(vectors)), failures
 
 
-def _forward_batches(loader: DataLoader, batch_size: int, device: torch.device, failures: dict, bar):
-    """Regroup the loader's chunks into batches of ``batch_size`` readable images on ``device``; record failures."""
-    images, indices = [], []
+def loader_chunks(count: int, batch_size: int, workers: int) -> list[list[int]]:
+    """Image positions in the chunks the loader workers prepare, in order.
+
+    Each worker prepares a share of a forward batch, so a batch is ready ``workers`` times sooner. The
+    first chunk of each worker is a quarter of that share: the model, idle until its first batch is
+    ready, starts on ``workers`` small chunks (e.g. 16 images instead of 64) a few decodes after the
+    workers start, while they prepare the full-size chunks that follow.
+    """
+    if workers == 0:
+        return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    share = math.ceil(batch_size / workers)
+    sizes = [max(1, share // 4)] * workers
+    chunks, start = [], 0
+    while start < count:
+        size = sizes[len(chunks)] if len(chunks) < len(sizes) else share
+        chunks.append(list(range(start, min(start + size, count))))
+        start += size
+    return chunks
+
+
+def _forward_batches(loader: DataLoader, first_batch: int, batch_size: int, device: torch.device, failures: dict,
+                     bar):
+    """Regroup the loader's chunks into batches of readable images on ``device`` (the first of ``first_batch``
+    images, then ``batch_size``); record failures."""
+    images, indices, wanted = [], [], first_batch
     for chunk, chunk_indices, chunk_failures in loader:
         failures.update(chunk_failures)
         bar.update(len(chunk_indices) + len(chunk_failures))
         if chunk is not None:
             images.append(chunk.to(device, non_blocking=True))
             indices.append(chunk_indices)
-        while sum(len(i) for i in indices) >= batch_size:
+        while sum(len(i) for i in indices) >= wanted:
             stacked, stacked_indices = torch.cat(images), torch.cat(indices)
-            yield stacked[:batch_size], stacked_indices[:batch_size]
-            images, indices = [stacked[batch_size:]], [stacked_indices[batch_size:]]
+            yield stacked[:wanted], stacked_indices[:wanted]
+            images, indices = [stacked[wanted:]], [stacked_indices[wanted:]]
+            wanted = batch_size
     if sum(len(i) for i in indices):
         yield torch.cat(images), torch.cat(indices)
 

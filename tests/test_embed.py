@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lageo_utils.bench import benchmark_embed, write_test_jpegs
-from lageo_utils.embed import embed_manifest, embed_paths
+from lageo_utils.embed import embed_manifest, embed_paths, loader_chunks
 from lageo_utils.images import DECODER_SETTINGS, decoder_settings, input_size, open_rgb
 from lageo_utils.model import TINY_MODEL, load_clip
 
@@ -86,13 +86,22 @@ def test_worker_processes_give_the_same_embeddings(tiny, tmp_path):
     np.testing.assert_allclose(parallel.embeddings, serial.embeddings, atol=1e-6)
 
 
+def test_loader_chunks_start_small_then_share_each_batch():
+    chunks = loader_chunks(200, batch_size=64, workers=2)
+    assert [len(c) for c in chunks] == [8, 8] + [32] * 5 + [24]  # 16 images start the model, then halves of 64
+    assert [i for c in chunks for i in c] == list(range(200))
+    assert [len(c) for c in loader_chunks(10, batch_size=4, workers=0)] == [4, 4, 2]
+    assert [len(c) for c in loader_chunks(40, batch_size=64, workers=1)] == [16, 24] and loader_chunks(0, 64, 1) == []
+
+
 def test_workers_share_each_forward_batch_of_exactly_batch_size(counted, tmp_path):
     model, preprocess, calls = counted
     names = _write_images(tmp_path, 7)
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
     paths = [names[0], "bad.jpg", *names[1:4], "bad.jpg", *names[4:]]
     result = embed_paths(model, preprocess, paths, root=tmp_path, batch_size=4, num_workers=2)
-    assert calls == [4, 3]  # loader chunks of 2 from two workers, regrouped around the failures
+    # 8 distinct files: chunks of 1, 1 (the first batch, 2 images), then 2, 2, 2 regrouped around the failure
+    assert calls == [2, 4, 1]
     assert result.rows.tolist() == [0, 2, 3, 4, 6, 7, 8]
     assert result.failures["image_path"].tolist() == ["bad.jpg", "bad.jpg"]
     np.testing.assert_allclose(result.embeddings, _reference(model, preprocess, [tmp_path / n for n in names]),
