@@ -95,6 +95,24 @@ def test_kernel_process_output_goes_to_the_kernel_log_not_the_terminal(tmp_path,
     assert "native" not in captured.out and "native" not in captured.err
 
 
+def test_a_kernel_that_dies_fails_the_step_and_names_its_log(tmp_path, monkeypatch):
+    import nbformat
+
+    from lageo_utils import pipeline
+
+    parameters = nbformat.v4.new_code_cell("run_dir = None", metadata={"tags": ["parameters"]})
+    dies = nbformat.v4.new_code_cell("import os, signal\nos.write(2, b'last words\\n')\nos.kill(os.getpid(), signal.SIGKILL)")
+    kernelspec = {"name": PAPERMILL_KERNEL, "language": "python", "display_name": "Python 3"}
+    nbformat.write(nbformat.v4.new_notebook(cells=[parameters, dies], metadata={"kernelspec": kernelspec}),
+                   tmp_path / "99_dies.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(pipeline.StepFailed, match="99_dies.ipynb: DeadKernelError") as failure:
+        pipeline.run_step("99_dies", run, {})
+    kernel_log = run / "notebooks" / "99_dies.kernel.log"
+    assert f"kernel log: {kernel_log}" in str(failure.value) and "last words" in kernel_log.read_text()
+
+
 def test_run_directory_has_every_file(demo_run, env):
     outputs = Path(env["LAGEO_OUTPUTS"])
     assert demo_run.parent == outputs / "runs"
