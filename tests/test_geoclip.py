@@ -243,6 +243,9 @@ def test_missing_backbone_weights_give_the_two_fixes_at_once(tmp_path, monkeypat
     (tmp_path / "half" / "config.json").write_text("{}")
     with pytest.raises(WeightsUnavailableError, match="lacks preprocessor_config.json, model.safetensors"):
         gc.check_geoclip_weights(tmp_path / "half")
+    monkeypatch.chdir(tmp_path)  # a relative folder that does not exist reads as a hub id; the message says both
+    with pytest.raises(WeightsUnavailableError, match=f"as a hub id, since no folder {tmp_path / 'models' / 'clip'} exists"):
+        gc.check_geoclip_weights("models/clip", cache_dir=tmp_path / "empty-hf-cache")
 
 
 def test_without_the_extra_the_message_says_how_to_install(monkeypatch):

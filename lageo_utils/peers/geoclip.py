@@ -269,6 +269,8 @@ def check_geoclip_weights(backbone: str | os.PathLike | None = None, *, cache_di
             return source
         except Exception as exc:  # network errors come in many types; any of them means no weights now
             problem = f"it is not in the Hugging Face cache and cannot be downloaded now ({type(exc).__name__})"
+    # "models/clip-vit-l" reads as a hub id (owner/name) unless such a folder exists: say where it was looked for
+    problem += f"; as a hub id, since no folder {path.resolve()} exists"
     raise WeightsUnavailableError(_backbone_help(source, problem))
 
 
