@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 from lageo_utils.engines import check_engine, image_encoder
 from lageo_utils.files import atomic_write
 from lageo_utils.images import ImageDataset, collate_skip_failures, decoder_settings, default_num_workers, input_size
-from lageo_utils.model import autocast, autocast_dtype, has_text_tower, resolve_device, weights_identity
+from lageo_utils.model import autocast, has_text_tower, precision_label, resolve_device, weights_identity
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # bump when the cache layout or key changes (2: the backbone family)
 INDEX_FILE = "index.parquet"
 META_FILE = "meta.json"
+LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -257,7 +258,7 @@ class EmbeddingCache:
             "weights": weights_identity(model),
             "preprocess": re.sub(r" at 0x[0-9a-f]+", "", repr(preprocess)),  # drop per-process addresses
             "decoder": decoder_settings(input_size(preprocess)),
-            "precision": _precision(device),
+            "precision": precision_label(device),
             "engine": engine,  # an engine's embeddings differ from eager's in the last digits: never mixed
         }
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -289,13 +290,16 @@ class EmbeddingCache:
 
     @contextlib.contextmanager
     def _locked(self, mode: int):
-        """A lock on the cache directory (``fcntl.LOCK_SH`` to read the index, ``LOCK_EX`` to extend it)."""
-        directory = os.open(self.directory, os.O_RDONLY)
+        """A lock on the cache's index (``fcntl.LOCK_SH`` to read it, ``LOCK_EX`` to extend it).
+
+        A POSIX record lock on a lock file opened for writing: unlike ``flock`` on the directory, it also
+        holds on NFS, where ranks on several nodes share one cache."""
+        handle = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(directory, mode)  # released when the descriptor closes
+            fcntl.lockf(handle, mode)  # released when the descriptor closes
             yield
         finally:
-            os.close(directory)
+            os.close(handle)
 
     def _index(self) -> pd.DataFrame:
         path = self.directory / INDEX_FILE
@@ -303,8 +307,3 @@ class EmbeddingCache:
             return pd.DataFrame({"digest": pd.Series(dtype=str), "shard": pd.Series(dtype=str),
                                  "row": pd.Series(dtype=np.int64)})
         return pd.read_parquet(path)
-
-
-def _precision(device: torch.device) -> str:
-    dtype = autocast_dtype(device)
-    return f"{device.type}-float32" if dtype is None else f"{device.type}-autocast-{str(dtype).removeprefix('torch.')}"

@@ -79,6 +79,12 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None if name == "fp32" else PRECISIONS[name]
 
 
+def precision_label(device: torch.device) -> str:
+    """How forward passes on ``device`` compute now (``cpu-float32``, ``cuda-autocast-bfloat16``): a cache key part."""
+    dtype = autocast_dtype(device)
+    return f"{device.type}-float32" if dtype is None else f"{device.type}-autocast-{str(dtype).removeprefix('torch.')}"
+
+
 def autocast(device: torch.device):
     """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere, unless ``precision``
     says otherwise."""
@@ -184,7 +190,7 @@ def load_timm(model_name: str, pretrained: str | os.PathLike | None, device: str
         if source is None or Path(source).is_file():
             backbone = timm.create_model(arch, pretrained=False, num_classes=0, **overrides)
             if source is not None:
-                timm.models.load_checkpoint(backbone, source, strict=False)
+                _load_timm_checkpoint(backbone, source)
         else:
             backbone = timm.create_model(source, pretrained=True, num_classes=0, **overrides)
     except Exception as exc:
@@ -291,6 +297,21 @@ def weights_identity(model: torch.nn.Module, module: str = "visual") -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())  # hashed in place, no copy
     return digest.hexdigest()[:16]
+
+
+def _load_timm_checkpoint(backbone: torch.nn.Module, path: str) -> None:
+    """Load a local checkpoint into a timm backbone; every backbone weight must come from the file.
+
+    Extra entries (a classifier head, ``mask_token``) are ignored; a missing one means the file's layout
+    is another (a ``backbone.`` prefix, another library's names) and would leave random weights behind."""
+    result = timm.models.load_checkpoint(backbone, path, strict=False)
+    missing = list(getattr(result, "missing_keys", []))
+    if missing:
+        raise ValueError(f"{len(missing)} of the backbone's {len(backbone.state_dict())} weights are not in the file "
+                         f"(first: {', '.join(missing[:3])}); the file holds e.g. "
+                         f"{', '.join(list(timm.models.load_state_dict(path))[:3])}")
+    if getattr(result, "unexpected_keys", None):
+        log.info("checkpoint %s: %d entries the backbone does not use (ignored)", path, len(result.unexpected_keys))
 
 
 def _resolve_weights(model_name: str, pretrained: str | None) -> str | None:

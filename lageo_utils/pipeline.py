@@ -14,7 +14,7 @@ from pathlib import Path
 import nbformat
 import papermill
 from jupyter_client.manager import AsyncKernelManager
-from nbclient.exceptions import DeadKernelError
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 from traitlets import Unicode
 from traitlets.config import Config
@@ -153,7 +153,8 @@ def run_step(step: str, run_dir: Path, params: dict, kernel_name: str | None = N
             f"notebook {source.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
             f"{exc.ename}: {exc.evalue}\npartial output: {target}{_kernel_log_hint(kernel_log)}"
         ) from None
-    except DeadKernelError as exc:  # the kernel process died (killed, out of memory, a native crash)
+    except (DeadKernelError, CellTimeoutError) as exc:  # the kernel died (killed, out of memory, a native crash),
+        # or a cell ran past LAGEO_CELL_TIMEOUT: papermill passes both through as they are
         raise StepFailed(f"notebook {source.name}: {type(exc).__name__}: {exc}{_kernel_log_hint(kernel_log)}") from None
     return target
 

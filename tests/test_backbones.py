@@ -114,3 +114,14 @@ def test_an_image_only_run_skips_the_text_side_methods_and_says_why():
                                                   "centroid, expected before fine-tuning"]  # no WiSE-FT to skip
     assert frozen_methods(linear_only) == [] and {"locator/zeroshot", "coordinates_zeroshot.parquet"} <= absent_files(
         linear_only)
+
+
+def test_a_timm_checkpoint_file_loads_and_one_of_another_layout_is_refused(tmp_path):
+    model, _, _ = load_model(TIMM_TINY, None, device="cpu")
+    weights = model.visual.state_dict()  # the timm backbone itself
+    torch.save(weights, tmp_path / "own.pt")
+    loaded, _, _ = load_model(TIMM_TINY, str(tmp_path / "own.pt"), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    torch.save({f"backbone.{k}": v for k, v in weights.items()}, tmp_path / "prefixed.pt")
+    with pytest.raises(WeightsUnavailableError, match=r"weights are not in the file \(first: .*backbone\.cls_token"):
+        load_model(TIMM_TINY, str(tmp_path / "prefixed.pt"), device="cpu")

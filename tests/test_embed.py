@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_cache_hit_computes_nothing(counted, tmp_path):
 
     stored = list((tmp_path / "cache").iterdir())
     assert len(stored) == 1 and stored[0].name.startswith(f"{type(model).__name__}-")
-    assert {p.suffix for p in stored[0].iterdir()} == {".npy", ".parquet", ".json"}
+    assert {p.suffix or p.name for p in stored[0].iterdir()} == {".npy", ".parquet", ".json", ".lock"}
 
 
 def test_cache_miss_on_a_changed_file_only(counted, tmp_path):
@@ -219,3 +220,20 @@ def test_benchmark_reports_its_figures():
     # both sides are rounded (img/s to 2 decimals, the ratio to 3): compare within that rounding
     assert figures["pipeline_vs_raw"] == pytest.approx(figures["pipeline_img_s"] / figures["raw_model_img_s"], rel=0.01,
                                                        abs=1e-3)
+
+
+def test_the_index_lock_is_a_posix_record_lock_other_processes_see(tiny, tmp_path):
+    """fcntl record locks (what NFS supports), not flock on the directory: another process cannot take it."""
+    import subprocess
+    import sys
+
+    from lageo_utils.embed import LOCK_FILE, EmbeddingCache
+
+    model, preprocess = tiny
+    cache = EmbeddingCache.for_model(tmp_path, model, preprocess, torch.device("cpu"), "tiny")
+    probe = ("import fcntl, sys\nwith open(sys.argv[1], 'r+') as f:\n"
+             "    try:\n        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    except OSError:\n        sys.exit(3)\n")
+    with cache._locked(fcntl.LOCK_EX):
+        held = subprocess.run([sys.executable, "-c", probe, str(cache.directory / LOCK_FILE)])
+    free = subprocess.run([sys.executable, "-c", probe, str(cache.directory / LOCK_FILE)])
+    assert (held.returncode, free.returncode) == (3, 0)

@@ -95,21 +95,24 @@ def test_kernel_process_output_goes_to_the_kernel_log_not_the_terminal(tmp_path,
     assert "native" not in captured.out and "native" not in captured.err
 
 
-def test_a_kernel_that_dies_fails_the_step_and_names_its_log(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("ending", "error"), [("os.kill(os.getpid(), signal.SIGKILL)", "DeadKernelError"),
+                                               ("time.sleep(60)", "CellTimeoutError")])
+def test_a_kernel_that_dies_or_stalls_fails_the_step_and_names_its_log(tmp_path, monkeypatch, ending, error):
     import nbformat
 
     from lageo_utils import pipeline
 
     parameters = nbformat.v4.new_code_cell("run_dir = None", metadata={"tags": ["parameters"]})
-    dies = nbformat.v4.new_code_cell("import os, signal\nos.write(2, b'last words\\n')\nos.kill(os.getpid(), signal.SIGKILL)")
+    last = nbformat.v4.new_code_cell(f"import os, signal, time\nos.write(2, b'last words\\n')\n{ending}")
     kernelspec = {"name": PAPERMILL_KERNEL, "language": "python", "display_name": "Python 3"}
-    nbformat.write(nbformat.v4.new_notebook(cells=[parameters, dies], metadata={"kernelspec": kernelspec}),
-                   tmp_path / "99_dies.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(cells=[parameters, last], metadata={"kernelspec": kernelspec}),
+                   tmp_path / "99_ends.ipynb")
     monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path)
+    monkeypatch.setenv(pipeline.CELL_TIMEOUT_ENV, "5")
     run = tmp_path / "run"
-    with pytest.raises(pipeline.StepFailed, match="99_dies.ipynb: DeadKernelError") as failure:
-        pipeline.run_step("99_dies", run, {})
-    kernel_log = run / "notebooks" / "99_dies.kernel.log"
+    with pytest.raises(pipeline.StepFailed, match=f"99_ends.ipynb: {error}") as failure:
+        pipeline.run_step("99_ends", run, {})
+    kernel_log = run / "notebooks" / "99_ends.kernel.log"
     assert f"kernel log: {kernel_log}" in str(failure.value) and "last words" in kernel_log.read_text()
 
 

@@ -51,7 +51,7 @@ from lageo_utils.geo import haversine_km
 from lageo_utils.geolocate import Answers, answers_table, pool_by_location
 from lageo_utils.images import DECODER_SETTINGS, ImageDataset, collate_skip_failures, default_num_workers
 from lageo_utils.metrics import to_json_safe
-from lageo_utils.model import WeightsUnavailableError, autocast, resolve_device, weights_identity
+from lageo_utils.model import WeightsUnavailableError, autocast, precision_label, resolve_device, weights_identity
 from lageo_utils.training.data import frame_hash
 from lageo_utils.training.loop import TrainResult, deterministic
 
@@ -371,17 +371,11 @@ def feature_cache(model: GeoclipModel, cache_dir: str | os.PathLike, device: tor
         "weights": model.backbone_identity,
         "preprocess": repr(_PixelValues(model.processor)),
         "decoder": DECODER_SETTINGS,
-        "precision": _precision(device),
+        "precision": precision_label(device),
         "normalised": False,
     }
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return EmbeddingCache(Path(cache_dir) / f"geoclip-{key}", meta)
-
-
-def _precision(device: torch.device) -> str:
-    if device.type != "cuda":
-        return f"{device.type}-float32"
-    return "cuda-autocast-bfloat16" if torch.cuda.is_bf16_supported() else "cuda-autocast-float16"
 
 
 def backbone_features(model: GeoclipModel, paths: Sequence[str], *, root: str | os.PathLike | None = None,

@@ -591,8 +591,9 @@ def _finish(run: _Run) -> TrainResult:
         "config": config.to_dict(),
     }
     if run.processes.main:
-        (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
         _write_history(run)
+        # written last and whole: the summary is what marks a finished training (TrainResult.read)
+        atomic_write(run.out_dir / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     run.processes.barrier()  # the others read what process 0 wrote
     return TrainResult.read(run.out_dir)
 
