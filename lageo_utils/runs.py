@@ -120,8 +120,11 @@ def absent_files(params: dict) -> set[str]:
     if not is_image_only(params.get("model", "")):
         return set()
     absent = {predictions_file("zeroshot"), classification_report_file("zeroshot")}
-    if not set(params.get("geo_methods") or ()) & set(EMBEDDING_METHODS):
-        absent |= {locator_dir("zeroshot"), coordinates_file("zeroshot")}
+    methods = set(params.get("geo_methods") or ())
+    if not methods & set(EMBEDDING_METHODS):
+        absent.add(locator_dir("zeroshot"))
+        if "geoclip" not in methods:  # GeoCLIP's answers fill the table on their own
+            absent.add(coordinates_file("zeroshot"))
     return absent
 
 

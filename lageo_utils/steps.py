@@ -254,9 +254,12 @@ def frozen_backbone(run: RunDir, params: dict, model, preprocess) -> pd.DataFram
     log.info("zero-shot skipped: %s is an image-only backbone (no text tower)", params["model"])
     encoder = ImageEncoder(model, preprocess, device=params["device"], model_name=params["model"])
     embedded = embed_splits(run, params, encoder)
-    if not frozen_methods(params):
-        return None
-    return locate(run, params, encoder, "zeroshot", embedded, peers=geoclip_answers(run, params, "zeroshot"))
+    peers = geoclip_answers(run, params, "zeroshot")
+    if frozen_methods(params):
+        return locate(run, params, encoder, "zeroshot", embedded, peers=peers)
+    if peers is not None:  # GeoCLIP's answers alone: no method of lageo's answers for the frozen backbone
+        peers.to_parquet(run.coordinates("zeroshot"), index=False)
+    return peers
 
 
 def skipped_note(params: dict) -> str:
@@ -684,7 +687,8 @@ def coordinate_metrics(run: RunDir, params: dict) -> dict:
     tables = load_coordinates(run)
     answers = {model: _by_method(table, voted=False) for model, table in tables.items()}
     voted = {model: _by_method(table, voted=True) for model, table in tables.items()}
-    locators = {model: load_locator(run.locator(model)) for model in tables}
+    # a model answered by GeoCLIP alone (an image-only backbone before training) has no locator of lageo's
+    locators = {model: load_locator(run.locator(model)) for model in tables if run.locator(model).exists()}
     gallery = locators["finetuned"].gallery
     test = load_split(run, "test")
     test = test[test["image_path"].isin(answers["finetuned"]["centroid"]["image_path"])].reset_index(drop=True)
@@ -701,8 +705,8 @@ def coordinate_metrics(run: RunDir, params: dict) -> dict:
     doc = coordinate_metrics_json(answers, voted=voted, ceilings=ceilings, baselines={"chance": chance, **baselines},
                                   n_boot=params["n_boot"], seed=params["seed"])
     doc["coordinate_settings"] = {model: locator.settings() for model, locator in locators.items()}
-    doc["best_method"] = {model: _best_on_validation(settings, answers[model])
-                          for model, settings in doc["coordinate_settings"].items()}
+    doc["best_method"] = {model: _best_on_validation(doc["coordinate_settings"][model], answers[model])
+                          if model in locators else None for model in tables}
     same_point = ceilings["retrieval"]["error_km"] < 0.001
     doc["gallery_overlap"] = {"split_strategy": params["split_strategy"], "n_test_images": len(test),
                               "test_images_with_gallery_image_within_1m": int(same_point.sum())}

@@ -153,3 +153,23 @@ def test_the_report_names_the_geoclip_methods(geoclip_run):
     assert "| Zero-shot CLIP | geoclip |" in text  # the paired comparison against centroid
     fig = figures.risk_coverage_figure(doc["risk_coverage"], {"zeroshot": "Zero-shot CLIP", "finetuned": "Fine-tuned"})
     assert any("geoclip_finetuned" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_geoclip_answers_beside_an_image_only_backbone_without_other_frozen_methods(tmp_path, backbone, monkeypatch):
+    """``geo_methods centroid,geoclip`` with a timm backbone: nothing of lageo's answers before training, GeoCLIP does."""
+    from lageo_utils import steps
+    from lageo_utils.runs import step_done
+
+    monkeypatch.setenv("LAGEO_OUTPUTS", str(tmp_path / "outputs"))
+    run, params = steps.open_step("01_explore_data", None, profile="demo", geoclip_backbone=str(backbone),
+                                  model="timm:lageo-tiny-dinov2", pretrained="none", strategies=["linear_probe"],
+                                  **{**REDUCED, "geo_methods": ["centroid", "geoclip"]})
+    steps.prepare_data(run, params)
+    steps.zero_shot(*steps.open_step("02_zero_shot", run))
+    assert step_done(run, "02_zero_shot")
+    table = pd.read_parquet(run / "coordinates_zeroshot.parquet")
+    assert set(table["method"]) == {"geoclip"} and not (run / "locator" / "zeroshot").exists()
+    steps.finetune(*steps.open_step("03_finetune", run))
+    doc = steps.coordinate_metrics(run, params)
+    assert list(doc["methods"]["zeroshot"]) == ["geoclip"] and "geoclip" in doc["peers"]
+    assert doc["methods"]["zeroshot"]["geoclip"]["n_images"] == len(pd.read_csv(run / "test.csv"))
