@@ -34,20 +34,23 @@ def comparison_rows(runs: list[tuple[RunDir, dict, dict]]) -> pd.DataFrame:
     """One row per run x model (x coordinate method): headline metrics and their 95% intervals."""
     rows = []
     for run, _, metrics in runs:
-        for model in _models(metrics):
-            m = metrics[model]
-            row = {"run": run.name, "model": model, "method": "region (centroid)", "n_images": m["n_images"]}
-            for name in ROW_METRICS:
-                row[name] = m[name]
-                low, high = (m.get("ci", {}).get(name) or [None, None])
-                row[f"{name}_ci95"] = None if low is None else f"[{low:.3f}, {high:.3f}]"
-            row["acc_at_1km"] = m["acc_at_km"]["1"]
-            rows.append(row)
+        classified = _models(metrics)
+        # an image-only backbone's frozen model has coordinate answers (retrieval, geocell, GeoCLIP) but no classes
+        for model in [*classified, *(m for m in metrics.get("methods", {}) if m not in classified)]:
+            if model in classified:
+                m = metrics[model]
+                row = {"run": run.name, "model": model, "method": "region (centroid)", "n_images": m["n_images"]}
+                for name in ROW_METRICS:
+                    row[name] = m[name]
+                    low, high = (m.get("ci", {}).get(name) or [None, None])
+                    row[f"{name}_ci95"] = None if low is None else f"[{low:.3f}, {high:.3f}]"
+                row["acc_at_1km"] = m["acc_at_km"]["1"]
+                rows.append(row)
             for method, values in metrics.get("methods", {}).get(model, {}).items():
                 if method == "centroid":
                     continue
                 low, high = values.get("median_error_km_ci95") or [None, None]
-                rows.append({"run": run.name, "model": model, "method": method, "n_images": m["n_images"],
+                rows.append({"run": run.name, "model": model, "method": method, "n_images": values["n_images"],
                              "median_error_km": values.get("median_error_km"),
                              "median_error_km_ci95": None if low is None else f"[{low:.3f}, {high:.3f}]",
                              "acc_at_1km": values.get("acc_at_km", {}).get("1")})

@@ -54,7 +54,26 @@ def test_compare_shows_runs_the_differing_parameter_and_paired_tests(tmp_path, r
     table = paired_comparisons([load_run(r) for r in (a, b, c)], n_boot=50)
     assert set(zip(table["run_a"], table["run_b"])) == {("run-a", "run-b")}
     assert table.iloc[0]["ci95"] in html
-    assert (table["a_minus_b"] > 0).all()  # fine-tuned 0.9 vs 0.2 on the same images
+    assert (table[table["model"] == "finetuned"]["a_minus_b"] > 0).all()  # fine-tuned 0.9 vs 0.2 on the same images
+
+
+def test_compare_keeps_the_coordinate_rows_of_a_model_without_classes(tmp_path, regions, capsys):
+    """An image-only backbone's frozen model (e.g. DINOv2 before training) answers retrieval but has no classes."""
+    a = fake_run(tmp_path, "clip", seed=1, test_hash="same", accuracy=0.9, regions=regions)
+    b = fake_run(tmp_path, "dinov2", seed=1, test_hash="same", accuracy=0.8, regions=regions)
+    metrics = json.loads(b.metrics.read_text())
+    del metrics["zeroshot"]
+    metrics["methods"] = {"zeroshot": {"retrieval": {"n_images": 40, "median_error_km": 1.5,
+                                                     "median_error_km_ci95": [1.0, 2.0], "acc_at_km": {"1": 0.3}}}}
+    b.metrics.write_text(json.dumps(metrics))
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--n-boot", "50"]) == 0
+    rows = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    frozen = rows[(rows["run"] == "dinov2") & (rows["model"] == "zeroshot")]
+    assert frozen[["method", "median_error_km", "median_error_km_ci95", "acc_at_1km"]].values.tolist() == [
+        ["retrieval", 1.5, "[1.000, 2.000]", 0.3]]
+    assert set(rows[rows["run"] == "dinov2"]["model"]) == {"zeroshot", "finetuned"}
+    table = paired_comparisons([load_run(r) for r in (a, b)], n_boot=50)
+    assert table["model"].tolist() == ["finetuned"]  # only models with classes on both sides are paired
 
 
 def test_compare_refuses_unfinished_runs(tmp_path, capsys):
