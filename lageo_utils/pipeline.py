@@ -59,7 +59,7 @@ def notebook_parameters(notebook: Path) -> set[str]:
 
 def preflight(params: dict) -> None:
     """Check, before any run directory or notebook, what would otherwise fail late: the region file and the
-    prompts it gives, ``top_k``, the model's weights, the inference engine, GeoCLIP's extra and backbone (when
+    prompts it gives, ``top_k``, ``batch_size`` against ``nproc``, the model's weights, the inference engine, GeoCLIP's extra and backbone (when
     ``geo_methods`` asks for it) and (for a manifest data source) the manifest itself.
 
     ``RunError`` carries the one message naming the file, field or parameter at fault.
@@ -76,6 +76,8 @@ def preflight(params: dict) -> None:
         if unknown:
             raise ParamError(f"train_regions {unknown} are not in the region file {params['regions']} "
                              f"(ids: {', '.join(regions['id'])})")
+        if params["batch_size"] % params["nproc"]:  # each of the nproc processes takes an equal slice of a batch
+            raise ParamError(f"batch_size must be a multiple of nproc ({params['nproc']}), got {params['batch_size']}")
         if is_image_only(params["model"]) and not trained_strategies(params):  # text-side ones are skipped
             raise ParamError(f"model {params['model']!r} is image-only (no text tower) and strategies "
                              f"{requested_strategies(params)} are all text-side: choose at least one of "

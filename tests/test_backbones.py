@@ -52,7 +52,8 @@ def test_timm_weights_are_checked_like_clip_weights(model, pretrained, error, me
 def test_image_side_strategies_learn_on_a_timm_backbone(data, tmp_path, strategy):
     result = run_training(data, tmp_path, timm_config(strategy))
     summary = result.summary
-    assert summary["best_val_acc"] >= summary["zeroshot_val_acc"] + 0.3, summary
+    assert summary["zeroshot_val_acc"] is None  # no text tower: no zero-shot model to score
+    assert summary["best_val_acc"] >= 1 / len(data.regions) + 0.3, summary  # chance on 4 balanced regions: 0.25
     state = load_checkpoint(result.best_checkpoint)
     assert not state["model"]["class_embeddings"].any()  # no text: the head started from zero
     predictions = predict_val(load_finetuned(result.best_checkpoint, data.regions, "cpu"), data)

@@ -161,6 +161,7 @@ def test_train_config_goes_through_the_schema():
         (["-p", "lr", "abc"], "lr must be a number > 0 | none, got 'abc'"),
         (["-p", "top_k", "0"], "top_k must be an integer >= 1, got 0"),
         (["-p", "top_k", "16"], "top_k must be <= the number of regions (15), got 16"),
+        (["-p", "nproc", "3"], "batch_size must be a multiple of nproc (3), got 32"),
         (["-p", "model", "ViT-B32"], "unknown model 'ViT-B32'; did you mean 'ViT-B-32'"),
         (["-p", "pretrained", "/no/such/weights.pt", "-p", "model", "ViT-B-32"], "the checkpoint file does not exist"),
         (["--profile", "la"], "are not in the Hugging Face cache and HF_HUB_OFFLINE is set"),

@@ -116,6 +116,7 @@ class _Run:
     # Checkpoints also hold the frozen encoder weights: a randomly initialised base cannot be reloaded.
     self_contained: bool = False
     processes: Processes = field(default_factory=Processes)  # torch.distributed: this process's rank and the world
+    text_head: bool = True  # the head starts from the region prompts (CLIP); False: from zero (image-only backbone)
 
     @property
     def epoch(self) -> int:
@@ -163,13 +164,13 @@ def train(
             train_manifest, val_manifest, regions, image_root, out, config, processes.device(target),
             Path(cache_dir) if cache_dir is not None else out / "embedding_cache", clip, checkpoint, processes,
         )
-        if checkpoint is None:
+        if checkpoint is None and run.text_head:  # a zero head (image-only backbone) has no zero-shot accuracy
             run.zeroshot_val_acc = _evaluate(run, epoch=0)[1]
             _info(run, "zero-shot validation accuracy: %.4f", run.zeroshot_val_acc)
             if config.strategy == "zeroshot":
                 run.best_val_acc = run.zeroshot_val_acc
                 _save(run, improved=True)
-        else:
+        elif checkpoint is not None:
             _restore(run, checkpoint)
         fit(run, on_step)
     return _finish(run)
@@ -214,7 +215,8 @@ def _prepare_run(train_manifest, val_manifest, regions, image_root, out, config,
         val = image_data(val_df, region_ids, preprocess, image_root)
         train = image_data(train_df, region_ids, train_transform(preprocess, visual, config.augment), image_root)
     classifier = RegionClassifier(visual, class_embeddings, logit_scale, head=config.head)
-    return new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes, processes)
+    return new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes, processes,
+                   text_head=has_text_tower(model))
 
 
 def _training_regions(df: pd.DataFrame, config: TrainConfig, region_ids: list[str], name: str) -> pd.DataFrame:
@@ -231,13 +233,13 @@ def _training_regions(df: pd.DataFrame, config: TrainConfig, region_ids: list[st
 
 
 def new_run(config, classifier, region_ids, train, val, device, out, base_identity, data_hashes,
-            processes: Processes = ONE) -> _Run:
-    """A run at epoch 0 with its optimizer, schedule and loss scaler."""
+            processes: Processes = ONE, text_head: bool = True) -> _Run:
+    """A run at epoch 0 with its optimizer, schedule and loss scaler (``text_head``: see ``_Run``)."""
     if config.batch_size % processes.world:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the number of processes "
                          f"({processes.world}): it is the global batch, shared among them")
     run = _Run(config, classifier.to(device), region_ids, train, val, device, out, base_identity, data_hashes,
-               self_contained=config.pretrained is None, processes=processes)
+               self_contained=config.pretrained is None, processes=processes, text_head=text_head)
     if train is not None:
         if len(train.labels) == 0:
             raise ValueError("the training split has no readable images")
